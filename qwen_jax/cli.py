@@ -62,23 +62,21 @@ def cmd_compile(args, overrides) -> None:
 
 
 def cmd_info(args, overrides) -> None:
-    """Print a model config and its parameter count (computed from shapes only)."""
+    """Print a model config and its total and active parameter counts (computed from shapes only)."""
     import dataclasses
 
-    import jax
-    from flax import nnx
-
-    from qwen_jax.model.decoder import Qwen35ForCausalLM, layer_groups
+    from qwen_jax.model.counts import parameter_counts
+    from qwen_jax.model.decoder import layer_groups
 
     config = _model_config(args, overrides)
-    model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    total, active = parameter_counts(config)
     for field in dataclasses.fields(config):
         if field.name != "layer_types":
             print(f"{field.name:28s} {getattr(config, field.name)}")
     pattern, repeats, tail = layer_groups(config.layer_types)
     print(f"{'layers':28s} {list(pattern)} x {repeats} + {list(tail)}")
-    print(f"{'parameters':28s} {params:,}")
+    print(f"{'parameters':28s} {total:,}")
+    print(f"{'active parameters':28s} {active:,}")
 
 
 def cmd_convert(args, overrides) -> None:

@@ -15,6 +15,8 @@ LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 GDN_SCANS = ("sequential", "associative")
+ARCHITECTURES = ("qwen3_5", "qwen3_next")  # the HF family save_hf writes (weights layout, RoPE)
+MOE_DISPATCHES = ("ragged", "padded")
 
 
 class ConfigError(ValueError):
@@ -31,7 +33,7 @@ def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> tu
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The Qwen3.5 text model: dimensions, layer pattern, RoPE and runtime dtypes."""
+    """The Qwen3.5 text model (dense or MoE; Qwen3-Next too): dimensions, layers, RoPE, runtime dtypes."""
 
     vocab_size: int = 248320
     hidden_size: int = 1024
@@ -55,12 +57,24 @@ class ModelConfig:
     initializer_range: float = 0.02
     eos_token_id: int | tuple[int, ...] | None = 248044
     pad_token_id: int | None = None
+    # Sparse MoE: every layer's MLP is a routed-experts block when num_experts > 0.
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    norm_topk_prob: bool = True  # Qwen3-Next's flag; Qwen3.5-MoE always renormalises
+    router_aux_loss_coef: float = 0.001
+    architecture: str = "qwen3_5"
     # Runtime choices (not part of an HF config).
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # master-weight dtype
     remat: str = "none"
     gdn_chunk_size: int = 64
     gdn_scan: str = "sequential"
+    # "ragged": sort + jax.lax.ragged_dot (simple; the oracle). "padded": per-expert buffers of
+    # moe_capacity_factor x the even share, one batched matmul, and a ragged pass for any overflow.
+    moe_dispatch: str = "padded"
+    moe_capacity_factor: float = 1.25
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -76,6 +90,10 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Rotated channels per attention head (the rest pass through)."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def linear_key_dim(self) -> int:
@@ -143,12 +161,29 @@ class ModelConfig:
                 f"model.mrope_section {self.mrope_section} must have 3 entries (t, h, w) summing to "
                 f"rotary_dim / 2 = {rotary // 2}"
             )
+        if self.is_moe:
+            self._validate_moe()
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
-                              ("gdn_scan", GDN_SCANS)):
+                              ("gdn_scan", GDN_SCANS), ("architecture", ARCHITECTURES),
+                              ("moe_dispatch", MOE_DISPATCHES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} is {getattr(self, name)!r}; choose one of {allowed}")
         if self.rms_norm_eps <= 0:
             raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+
+    def _validate_moe(self) -> None:
+        for name in ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(
+                f"model.num_experts_per_tok ({self.num_experts_per_tok}) must be <= model.num_experts "
+                f"({self.num_experts})")
+        if not self.moe_capacity_factor > 0:
+            raise ConfigError(f"model.moe_capacity_factor must be > 0, got {self.moe_capacity_factor}")
+        if self.router_aux_loss_coef < 0:
+            raise ConfigError(f"model.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
 
 def _qwen35(hidden, layers, heads, kv_heads, mlp, value_heads, tied) -> ModelConfig:
@@ -159,6 +194,23 @@ def _qwen35(hidden, layers, heads, kv_heads, mlp, value_heads, tied) -> ModelCon
     )
 
 
+def _qwen35_moe(hidden, layers, heads, value_heads, experts, top_k, expert_mlp) -> ModelConfig:
+    return ModelConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=2, linear_num_value_heads=value_heads, tie_word_embeddings=False,
+        num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_mlp,
+        shared_expert_intermediate_size=expert_mlp,
+    )
+
+
+TINY = ModelConfig(
+    vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+    mrope_section=(2, 1, 1), tie_word_embeddings=True, max_position_embeddings=4096,
+    eos_token_id=None,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "qwen3.5-0.8b": _qwen35(1024, 24, 8, 2, 3584, 16, tied=True),
     "qwen3.5-2b": _qwen35(2048, 24, 8, 2, 6144, 16, tied=True),
@@ -167,13 +219,14 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3.5-27b": _qwen35(5120, 64, 24, 4, 17408, 48, tied=False),
     # Small enough to train on a laptop CPU, with every structural feature of the real ones:
     # GVA (Hv = 2 Hk), dk != dv, partial mRoPE, GQA, a full-attention layer every fourth.
-    "tiny": ModelConfig(
-        vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
-        mrope_section=(2, 1, 1), tie_word_embeddings=True, max_position_embeddings=4096,
-        eos_token_id=None,
-    ),
+    "tiny": TINY,
+    # Spec 6.2 (every layer MoE, one shared expert of the routed experts' width).
+    "qwen3.5-35b-a3b": _qwen35_moe(2048, 40, 16, 32, experts=256, top_k=8, expert_mlp=512),
+    "qwen3.5-122b-a10b": _qwen35_moe(3072, 48, 32, 64, experts=256, top_k=8, expert_mlp=1024),
+    "qwen3.5-397b-a17b": _qwen35_moe(4096, 60, 32, 64, experts=512, top_k=10, expert_mlp=1024),
+    # The tiny model with 8 experts, top-2, and a shared expert.
+    "tiny-moe": TINY.replace(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+                             shared_expert_intermediate_size=96),
 }
 
 
@@ -205,7 +258,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     z_loss: float = 0.0
-    moe_aux_loss: float = 0.001
+    moe_aux_loss: float | None = None  # None: the model's router_aux_loss_coef (HF's 0.001)
     ce_chunk: int = 2048
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
     log_every: int = 1
@@ -229,7 +282,7 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                 f"({self.grad_accum})")
         for name in ("weight_decay", "grad_clip", "z_loss", "moe_aux_loss"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
             raise ConfigError(f"train.b1 and train.b2 must be in [0, 1), got {self.b1}, {self.b2}")

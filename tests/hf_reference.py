@@ -1,33 +1,55 @@
-"""Builds random-weight transformers Qwen3.5 models, the parity oracle, saved with save_pretrained."""
+"""Builds random-weight transformers Qwen3.5 / Qwen3.5-MoE / Qwen3-Next models, the parity oracle,
+saved with save_pretrained."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+from transformers import (
+    Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig,
+    Qwen3NextConfig, Qwen3NextForCausalLM)
+
+HF_CLASSES = {Qwen3_5TextConfig: Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig: Qwen3_5MoeForCausalLM,
+              Qwen3NextConfig: Qwen3NextForCausalLM}
 
 
-def hf_text_config(*, layers=6, hidden=64, heads=4, kv_heads=2, head_dim=32, key_heads=2,
-                   value_heads=2, key_dim=16, value_dim=24, mlp=96, vocab=211, tied=True,
-                   mrope_section=(2, 1, 1), partial_rotary_factor=0.25, layer_types=None):
-    """A tiny transformers Qwen3_5TextConfig; arguments name the dimensions the tests vary."""
-    return Qwen3_5TextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+def _text_kwargs(*, layers=6, hidden=64, heads=4, kv_heads=2, head_dim=32, key_heads=2,
+                 value_heads=2, key_dim=16, value_dim=24, vocab=211, tied=True,
+                 mrope_section=(2, 1, 1), partial_rotary_factor=0.25, layer_types=None) -> dict:
+    rope = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": partial_rotary_factor}
+    if mrope_section is not None:
+        rope.update(mrope_section=list(mrope_section), mrope_interleaved=True)
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         linear_num_key_heads=key_heads, linear_num_value_heads=value_heads,
         linear_key_head_dim=key_dim, linear_value_head_dim=value_dim, tie_word_embeddings=tied,
-        layer_types=layer_types,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e7,
-                         "partial_rotary_factor": partial_rotary_factor,
-                         "mrope_section": list(mrope_section), "mrope_interleaved": True},
-    )
+        layer_types=layer_types, rope_parameters=rope)
 
 
-def build_hf_model(config, seed=0) -> Qwen3_5ForCausalLM:
-    """A float32 HF model with EVERY parameter perturbed (HF's init leaves norms and dt_bias constant)."""
+def hf_text_config(*, mlp=96, **kwargs) -> Qwen3_5TextConfig:
+    """A tiny transformers Qwen3_5TextConfig; arguments name the dimensions the tests vary."""
+    return Qwen3_5TextConfig(intermediate_size=mlp, **_text_kwargs(**kwargs))
+
+
+def hf_moe_config(*, next_arch=False, experts=8, top_k=2, expert_mlp=24, shared_mlp=40,
+                  norm_topk_prob=True, **kwargs):
+    """A tiny Qwen3_5MoeTextConfig (or, with next_arch, Qwen3NextConfig with 1-D RoPE)."""
+    moe = dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_mlp,
+               shared_expert_intermediate_size=shared_mlp)
+    if next_arch:
+        return Qwen3NextConfig(**moe, norm_topk_prob=norm_topk_prob, intermediate_size=56,
+                               **_text_kwargs(mrope_section=None, **kwargs))
+    return Qwen3_5MoeTextConfig(**moe, **_text_kwargs(**kwargs))
+
+
+def build_hf_model(config, seed=0):
+    """A float32 HF model with EVERY parameter perturbed (HF's init leaves norms and dt_bias constant),
+    on its pure PyTorch paths (eager attention, the eager experts loop)."""
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
-    model = Qwen3_5ForCausalLM(config).float().eval()
+    config._experts_implementation = "eager"
+    model = HF_CLASSES[type(config)](config).float().eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -38,6 +60,13 @@ def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
     """[B, T] ids -> [B, T, V] float32 logits from transformers' pure PyTorch path."""
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long)).logits.float().numpy()
+
+
+def hf_logits_and_aux(model, input_ids: np.ndarray) -> tuple[np.ndarray, float]:
+    """MoE models: logits and HF's load-balancing aux loss (output_router_logits=True)."""
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long), output_router_logits=True)
+    return out.logits.float().numpy(), float(out.aux_loss)
 
 
 def relative_error(ours, reference) -> float:

@@ -74,3 +74,42 @@ def test_vision_language_prefix_loads_text_part(hf_dir, tmp_path):
     ids = np.arange(12)[None] % 64
     expected = np.asarray(qwen_jax.load_hf(hf_dir)(ids).logits)
     np.testing.assert_array_equal(np.asarray(qwen_jax.load_hf(vlm)(ids).logits), expected)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    config = qwen_jax.preset("tiny-moe", vocab_size=64, num_hidden_layers=4)
+    path = tmp_path_factory.mktemp("hf_moe")
+    qwen_jax.save_hf(qwen_jax.Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)), path)
+    return path
+
+
+def test_missing_expert_is_named(moe_dir, tmp_path):
+    name = "model.layers.2.mlp.experts.5.up_proj.weight"
+
+    def edit(tensors):
+        del tensors[name]
+        return tensors
+
+    with pytest.raises(CheckpointError, match=rf"missing.*{name}"):
+        qwen_jax.load_hf(_rewrite(moe_dir, tmp_path / "bad", edit))
+
+
+def test_wrong_expert_shape_names_tensor_and_both_shapes(moe_dir, tmp_path):
+    name = "model.layers.0.mlp.experts.1.down_proj.weight"
+
+    def edit(tensors):
+        tensors[name] = np.zeros((128, 95), np.float32)
+        return tensors
+
+    with pytest.raises(CheckpointError, match=rf"{name}.*\(128, 95\).*\(128, 96\)"):
+        qwen_jax.load_hf(_rewrite(moe_dir, tmp_path / "bad", edit))
+
+
+def test_qwen3_next_with_dense_layers_is_refused_by_field(moe_dir, tmp_path):
+    config = json.loads((moe_dir / "config.json").read_text())
+    config.update(model_type="qwen3_next", mlp_only_layers=[1])
+    bad = _rewrite(moe_dir, tmp_path / "bad", lambda t: t)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mlp_only_layers"):
+        qwen_jax.load_hf(bad)

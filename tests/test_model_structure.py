@@ -1,15 +1,18 @@
-"""Parameter counts of every dense preset and HLO size that stays flat in depth."""
+"""Parameter counts of every preset (and Qwen3-Next-80B) against transformers; HLO size that stays
+flat in depth."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 import torch
 from flax import nnx
-from transformers import Qwen3_5ForCausalLM
+from hf_reference import HF_CLASSES
+from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
 
 from qwen_jax import Qwen35ForCausalLM, preset
-from qwen_jax.interop.hf import config_to_hf
-from transformers import Qwen3_5TextConfig
+from qwen_jax.cli import main
+from qwen_jax.interop.hf import config_from_hf, config_to_hf
+from qwen_jax.model.counts import parameter_counts
 
 DENSE_PRESETS = ["qwen3.5-0.8b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b", "qwen3.5-27b"]
 SPEC_TEXT_PARAMS = {  # spec section 6.1 table
@@ -18,26 +21,50 @@ SPEC_TEXT_PARAMS = {  # spec section 6.1 table
 }
 
 
-def abstract_param_count(config) -> int:
-    """Parameters of the very class the parity tests run, from shapes only (no allocation)."""
-    model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+MOE_PRESETS = ["qwen3.5-35b-a3b", "qwen3.5-122b-a10b", "qwen3.5-397b-a17b", "tiny-moe"]
+HF_CONFIGS = {"qwen3_5_text": Qwen3_5TextConfig, "qwen3_5_moe_text": Qwen3_5MoeTextConfig,
+              "qwen3_next": Qwen3NextConfig}
 
 
 def transformers_param_count(config) -> int:
     """transformers' own count for the same config, instantiated on the meta device."""
-    hf_config = Qwen3_5TextConfig(**config_to_hf(config))
+    hf = config_to_hf(config)
+    hf_config = HF_CONFIGS[hf["model_type"]](**hf)
     with torch.device("meta"):
-        model = Qwen3_5ForCausalLM(hf_config)
+        model = HF_CLASSES[type(hf_config)](hf_config)
     return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", DENSE_PRESETS)
 def test_preset_param_count_matches_transformers_and_spec(name):
     config = preset(name)
-    ours = abstract_param_count(config)
-    assert ours == transformers_param_count(config)
-    assert ours == SPEC_TEXT_PARAMS[name]
+    total, active = parameter_counts(config)
+    assert total == active == transformers_param_count(config)
+    assert total == SPEC_TEXT_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", MOE_PRESETS)
+def test_moe_preset_param_count_matches_transformers(name):
+    config = preset(name)
+    total, active = parameter_counts(config)
+    assert total == transformers_param_count(config)
+    expert = 3 * config.hidden_size * config.moe_intermediate_size
+    assert total - active == config.num_hidden_layers * (config.num_experts - config.num_experts_per_tok) * expert
+
+
+def test_qwen3_next_80b_param_count_matches_transformers():
+    config = config_from_hf(Qwen3NextConfig().to_dict())  # HF's defaults are the 80B-A3B model
+    assert (config.num_experts, config.num_experts_per_tok, config.architecture) == (512, 10, "qwen3_next")
+    total, active = parameter_counts(config)
+    assert total == transformers_param_count(config)
+    assert 79e9 < total < 82e9 and 2.5e9 < active < 4e9
+
+
+def test_info_prints_total_and_active_counts(capsys):
+    main(["info", "--preset=qwen3.5-35b-a3b"])
+    total, active = parameter_counts(preset("qwen3.5-35b-a3b"))
+    printed = capsys.readouterr().out
+    assert f"{total:,}" in printed and f"{active:,}" in printed and "active parameters" in printed
 
 
 def lowered_hlo_size(num_layers: int) -> int:

@@ -15,9 +15,14 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from qwen_jax.config import ModelConfig
+from qwen_jax.interop import hf_layouts
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5")
+# model_type -> (our architecture, whether the text config is nested under "text_config")
+MODEL_TYPES = {"qwen3_5_text": ("qwen3_5", False), "qwen3_5": ("qwen3_5", True),
+               "qwen3_5_moe_text": ("qwen3_5", False), "qwen3_5_moe": ("qwen3_5", True),
+               "qwen3_next": ("qwen3_next", False)}
+SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
 TEXT_PREFIXES = ("model.language_model.", "model.")
 IGNORED_PREFIXES = ("mtp.", "model.visual.")  # MTP heads are unused by HF too; vision lands later
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -29,6 +34,12 @@ HF_FIELDS = (
     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "layer_types",
     "rms_norm_eps", "max_position_embeddings", "initializer_range", "eos_token_id", "pad_token_id",
 )
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "router_aux_loss_coef")
+# What each architecture's text-only class is called in transformers: (dense, MoE).
+HF_CLASSES = {"qwen3_5": (("Qwen3_5ForCausalLM", "qwen3_5_text"),
+                          ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text")),
+              "qwen3_next": (("Qwen3NextForCausalLM", "qwen3_next"),) * 2}
 
 
 class CheckpointError(ValueError):
@@ -39,37 +50,60 @@ class CheckpointError(ValueError):
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
-    """An HF config.json dict (text or vision-language) -> ModelConfig."""
+    """An HF config.json dict (Qwen3.5 dense or MoE, text or vision-language; Qwen3-Next) -> ModelConfig."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         raise CheckpointError(
             f"config.json model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    text = hf["text_config"] if model_type == "qwen3_5" else hf
-    fields = {name: text[name] for name in HF_FIELDS if text.get(name) is not None}
+    architecture, nested = MODEL_TYPES[model_type]
+    text = hf["text_config"] if nested else hf
+    fields = {name: text[name] for name in HF_FIELDS + MOE_FIELDS if text.get(name) is not None}
     rope = text.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported yet")
-    for ours, theirs in (("rope_theta", "rope_theta"), ("partial_rotary_factor", "partial_rotary_factor"),
-                         ("mrope_section", "mrope_section")):
-        if theirs in rope:
-            fields[ours] = rope[theirs]
+    for name in ("rope_theta", "partial_rotary_factor", "mrope_section"):
+        if name in rope:
+            fields[name] = rope[name]
+    if architecture == "qwen3_next":
+        _check_all_layers_sparse(text)
+        # Plain 1-D RoPE: every frequency slot takes the (text) position.
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        fields["mrope_section"] = (int(head_dim * rope.get("partial_rotary_factor", 0.25)) // 2, 0, 0)
+        fields["norm_topk_prob"] = text.get("norm_topk_prob", True)
     # The vision-language wrapper decides tying at its top level.
     fields["tie_word_embeddings"] = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return ModelConfig(**fields, dtype=dtype, param_dtype=dtype)
+    return ModelConfig(**fields, architecture=architecture, dtype=dtype, param_dtype=dtype)
+
+
+def _check_all_layers_sparse(text: dict) -> None:
+    """Qwen3-Next may mix dense MLP layers into the MoE stack; every published size is all-MoE."""
+    if text.get("decoder_sparse_step", 1) != 1 or text.get("mlp_only_layers"):
+        raise CheckpointError(
+            f"config.json decoder_sparse_step={text.get('decoder_sparse_step')} / mlp_only_layers="
+            f"{text.get('mlp_only_layers')}: only stacks where every layer is MoE "
+            "(decoder_sparse_step 1, mlp_only_layers []) are supported")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """ModelConfig -> the config.json transformers' Qwen3_5ForCausalLM loads."""
+    """ModelConfig -> the config.json of transformers' matching text-only class."""
+    architecture, model_type = HF_CLASSES[cfg.architecture][cfg.is_moe]
     out = {name: getattr(cfg, name) for name in HF_FIELDS}
     out["layer_types"] = list(cfg.layer_types)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor}
+    if cfg.architecture == "qwen3_5":
+        rope.update(mrope_section=list(cfg.mrope_section), mrope_interleaved=True)
     out.update(
-        architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", hidden_act="silu",
+        architectures=[architecture], model_type=model_type, hidden_act="silu",
         attention_bias=False, attention_dropout=0.0, tie_word_embeddings=cfg.tie_word_embeddings,
-        dtype=cfg.param_dtype, use_cache=True,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
-                         "partial_rotary_factor": cfg.partial_rotary_factor,
-                         "mrope_section": list(cfg.mrope_section), "mrope_interleaved": True},
+        dtype=cfg.param_dtype, use_cache=True, rope_parameters=rope,
     )
+    if cfg.is_moe:
+        out.update({name: getattr(cfg, name) for name in MOE_FIELDS})
+        if model_type == "qwen3_5_moe_text":
+            del out["intermediate_size"]  # HF's MoE config has none
+    if cfg.architecture == "qwen3_next":
+        out.update(norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
     if isinstance(cfg.eos_token_id, tuple):
         out["eos_token_id"] = list(cfg.eos_token_id)
     return out
@@ -84,6 +118,8 @@ def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
         return x.T
     if kind == "conv":  # ours [K, C] -> torch depthwise [C, 1, K]
         return x.T[:, None, :]
+    if kind == "experts":  # ours [E, in, out] -> HF [E, out, in]
+        return np.swapaxes(x, -1, -2)
     return x
 
 
@@ -93,6 +129,8 @@ def _from_hf(x: np.ndarray, kind: str) -> np.ndarray:
         return x.T
     if kind == "conv":
         return x[:, 0, :].T
+    if kind == "experts":
+        return np.swapaxes(x, -1, -2)
     return x
 
 
@@ -105,6 +143,8 @@ def _leaf_name(path: tuple) -> tuple[str, str]:
         return ".".join([*head, "weight"]), "plain"
     if last == "conv_weight":
         return ".".join([*head, "conv1d", "weight"]), "conv"
+    if head and head[-1] == "experts":
+        return ".".join([*head, last]), "experts"
     return ".".join([*head, last]), "plain"
 
 
@@ -156,8 +196,99 @@ def _checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+class _Assembler:
+    """Fills host buffers for our params from checkpoint tensors in any supported layout."""
+
+    def __init__(self, model: Qwen35ForCausalLM):
+        self.config = model.config
+        self.names = tensor_map(model)
+        self.shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        self.buffers: dict[tuple, np.ndarray] = {}
+        self.seen: dict[str, set] = {}
+
+    def _target(self, name: str, where: str) -> tuple[np.ndarray, tuple, str]:
+        """(writable view of our param for HF tensor `name`, its shape in our layout, layout kind)."""
+        if name not in self.names:
+            raise CheckpointError(f"{where} is not part of this model")
+        our_path, index, kind = self.names[name]
+        shape = self.shapes[our_path].shape
+        if our_path not in self.buffers:
+            self.buffers[our_path] = np.empty(shape, jnp.dtype(self.config.param_dtype))
+        view = self.buffers[our_path] if index is None else self.buffers[our_path][index]
+        return view, view.shape, kind
+
+    def add(self, file: str, key: str, reader) -> None:
+        """Read checkpoint tensor `key` (shape-checked before its data is read) into the buffers."""
+        name = _canonical_name(key)
+        if name is None:
+            return
+        where = f"{file}: tensor {key!r}"
+        found = tuple(reader.get_slice(key).get_shape())
+        fused_rows = hf_layouts.next_fused_rows(name, self.config)
+        if self.config.architecture == "qwen3_next" and fused_rows is not None:
+            _check_shape(where, found, (fused_rows, self.config.hidden_size))
+            for part_name, part in hf_layouts.split_next_projection(name, reader.get_tensor(key),
+                                                                    self.config):
+                self._place(part_name, None, part, where)
+            return
+        piece = hf_layouts.per_expert_piece(name)
+        if piece is not None:
+            fused_name, expert, proj = piece
+            view, shape, _ = self._target(fused_name, where)
+            width = shape[-1] // 2 if proj != "down" else shape[1]
+            expected = (width, shape[1]) if proj != "down" else (shape[2], width)
+            if expert >= shape[0]:
+                raise CheckpointError(f"{where}: expert {expert} but the model has {shape[0]} experts")
+            _check_shape(where, found, expected)
+            self._place(fused_name, (expert, proj), reader.get_tensor(key), where)
+            return
+        view, shape, kind = self._target(name, where)
+        _check_shape(where, found, _to_hf(np.empty(shape, np.int8), kind).shape)
+        self._place(name, None, reader.get_tensor(key), where)
+
+    def _place(self, name: str, part, tensor, where: str) -> None:
+        view, shape, kind = self._target(name, where)
+        tensor = np.asarray(tensor)
+        if part is None:
+            view[...] = _from_hf(tensor, kind)
+        else:
+            expert, proj = part
+            columns = {"gate": slice(0, shape[-1] // 2), "up": slice(shape[-1] // 2, None),
+                       "down": slice(None)}[proj]
+            view[expert, :, columns] = tensor.T
+        self.seen.setdefault(name, set()).add(part)
+
+    def params(self, source: Path) -> dict:
+        """The assembled params (pure dict); every tensor must have been seen in full."""
+        missing = []
+        for name, (our_path, _, kind) in self.names.items():
+            parts = self.seen.get(name, set())
+            if None in parts:
+                continue
+            if kind == "experts" and parts:
+                projs = ("down",) if name.endswith("down_proj") else ("gate", "up")
+                absent = [f"{name.rsplit('.', 1)[0]}.{e}.{p}_proj.weight"
+                          for e in range(self.shapes[our_path].shape[-3]) for p in projs
+                          if (e, p) not in parts]
+                missing.extend(absent)
+            else:
+                missing.append(name)
+        if missing:
+            raise CheckpointError(
+                f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        # Move each buffer to the device and drop its host copy before the next one.
+        return traverse_util.unflatten_dict(
+            {p: jnp.asarray(self.buffers.pop(p)) for p in list(self.buffers)})
+
+
+def _check_shape(where: str, found: tuple, expected: tuple) -> None:
+    if tuple(found) != tuple(expected):
+        raise CheckpointError(f"{where} has shape {tuple(found)}, the model expects {tuple(expected)}")
+
+
 def load_hf(path: str | os.PathLike, dtype: str = "float32") -> Qwen35ForCausalLM:
-    """Load an HF Qwen3.5 directory, tensor by tensor (never two full copies in host memory)."""
+    """Load an HF Qwen3.5 / Qwen3.5-MoE / Qwen3-Next directory tensor by tensor (never two full
+    copies in host memory); experts may be fused or per-expert."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -165,56 +296,52 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> Qwen35ForCausalL
     cfg = config_from_hf(json.loads(config_file.read_text()), dtype=dtype)
     abstract = nnx.eval_shape(lambda: Qwen35ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    names = tensor_map(abstract)
-    flat_shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    buffers: dict[tuple, np.ndarray] = {}
-    seen: set[str] = set()
-
+    assembler = _Assembler(abstract)
     for file in _checkpoint_files(path):
         with safe_open(file, framework="flax") as reader:
             for key in reader.keys():
-                name = _canonical_name(key)
-                if name is None:
-                    continue
-                if name not in names:
-                    raise CheckpointError(f"{file.name}: tensor {key!r} is not part of this model")
-                our_path, index, kind = names[name]
-                target = flat_shapes[our_path]
-                expected = target.shape if index is None else target.shape[1:]
-                expected_hf = _to_hf(np.empty(expected, np.int8), kind).shape
-                found = tuple(reader.get_slice(key).get_shape())
-                if found != expected_hf:
-                    raise CheckpointError(
-                        f"{file.name}: tensor {key!r} has shape {found}, the model expects {expected_hf}")
-                tensor = _from_hf(np.asarray(reader.get_tensor(key)), kind)
-                if our_path not in buffers:
-                    buffers[our_path] = np.empty(target.shape, jnp.dtype(cfg.param_dtype))
-                if index is None:
-                    buffers[our_path][...] = tensor
-                else:
-                    buffers[our_path][index] = tensor
-                seen.add(name)
-    missing = sorted(set(names) - seen)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    # Move each buffer to the device and drop its host copy before the next one.
-    params = {p: jnp.asarray(buffers.pop(p)) for p in list(buffers)}
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(params))
+                assembler.add(file.name, key, reader)
+    nnx.replace_by_pure_dict(state, assembler.params(path))
     model = nnx.merge(graphdef, state)
     model.source_dir = str(path)
     return model
 
 
+def hf_tensors(model: Qwen35ForCausalLM):
+    """(name, array in HF layout) for every tensor transformers' class saves: experts per expert,
+    Qwen3-Next's GDN projections fused."""
+    cfg = model.config
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    names = tensor_map(model)
+
+    def value(name):
+        our_path, index, kind = names[name]
+        array = flat[our_path] if index is None else flat[our_path][index]
+        return _to_hf(np.asarray(array), kind)
+
+    for name, (_, _, kind) in names.items():
+        if kind == "experts":
+            yield from hf_layouts.split_experts(name, value(name))
+        elif cfg.architecture == "qwen3_next" and name.endswith("linear_attn.in_proj_qkv.weight"):
+            prefix = name.removesuffix("qkv.weight")
+            yield prefix + "qkvz.weight", hf_layouts.fuse_qkvz(value(name), value(prefix + "z.weight"), cfg)
+        elif cfg.architecture == "qwen3_next" and name.endswith("linear_attn.in_proj_b.weight"):
+            prefix = name.removesuffix("b.weight")
+            yield prefix + "ba.weight", hf_layouts.fuse_ba(value(name), value(prefix + "a.weight"), cfg)
+        elif cfg.architecture == "qwen3_next" and name.endswith(("in_proj_z.weight", "in_proj_a.weight")):
+            continue  # written inside the fused tensor above
+        else:
+            yield name, value(name)
+
+
 def save_hf(model: Qwen35ForCausalLM, path: str | os.PathLike) -> None:
-    """Write config.json + safetensors that transformers' Qwen3_5ForCausalLM loads (+ tokenizer files)."""
+    """Write config.json + safetensors that transformers' matching class loads (+ tokenizer files)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     shards: list[dict[str, jax.Array]] = [{}]
     shard_bytes = 0
-    for name, (our_path, index, kind) in tensor_map(model).items():
-        value = flat[our_path] if index is None else flat[our_path][index]
-        tensor = jnp.asarray(_to_hf(np.asarray(value), kind))
+    for name, array in hf_tensors(model):
+        tensor = jnp.asarray(array)
         if shards[-1] and shard_bytes + tensor.nbytes > SHARD_BYTES:
             shards.append({})
             shard_bytes = 0

@@ -10,6 +10,7 @@ from qwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
 from qwen_jax.model.attention import GatedAttention, segment_causal_mask
 from qwen_jax.model.gated_deltanet import GatedDeltaNet
 from qwen_jax.model.mlp import SwiGLU
+from qwen_jax.model.moe import SparseMoE, load_balancing_loss
 from qwen_jax.model.norms import RMSNorm
 from qwen_jax.model.rope import rope_cos_sin
 from qwen_jax.parallel.rules import constrain
@@ -25,12 +26,15 @@ REMAT_POLICIES = {
 
 @struct.dataclass
 class ModelOutput:
-    """logits [B, T, V]; hidden [B, T, H] (final-norm output); aux_loss scalar; routing; cache."""
+    """logits [B, T, V]; hidden [B, T, H] (final-norm output); aux_loss scalar (HF's load-balancing
+    loss, unscaled; 0 for dense). MoE only: routing int32 [L, B, T, k] (chosen experts per layer, to
+    replay), expert_load [L, E] (unpadded tokens routed to each expert)."""
 
     logits: jax.Array
     hidden: jax.Array
     aux_loss: jax.Array
-    routing: tuple | None = None
+    routing: jax.Array | None = None
+    expert_load: jax.Array | None = None
     cache: object | None = None
 
 
@@ -57,7 +61,7 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual layer: mixer (GDN or gated attention) then SwiGLU."""
+    """Pre-norm residual layer: mixer (GDN or gated attention) then SwiGLU or sparse MoE."""
 
     def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -69,18 +73,26 @@ class DecoderLayer(nnx.Module):
             self.linear_attn = GatedDeltaNet(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
             self.self_attn = GatedAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype,
-                          param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
+        if cfg.is_moe:
+            self.mlp = SparseMoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype,
+                              param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
 
-    def __call__(self, h: jax.Array, ctx: dict) -> jax.Array:
-        """h [B, T, H] -> [B, T, H]; ctx holds cos/sin, the attention mask and segment ids."""
+    def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None) -> tuple[jax.Array, dict]:
+        """h [B, T, H] -> ([B, T, H], MoE stats or {}); ctx holds cos/sin, masks and segment ids;
+        replay [B, T, k] forces this layer's experts (MoE only)."""
         x = self.input_layernorm(h)
         if self.layer_type == LINEAR_ATTENTION:
             x = self.linear_attn(x, ctx["segment_ids"])
         else:
             x = self.self_attn(x, ctx["cos"], ctx["sin"], ctx["mask"])
         h = h + x
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, SparseMoE):
+            x, stats = self.mlp(x, ctx["token_mask"], replay)
+            return h + x, stats
+        return h + self.mlp(x), {}
 
 
 class LayerGroup(nnx.Module):
@@ -89,10 +101,15 @@ class LayerGroup(nnx.Module):
     def __init__(self, cfg: ModelConfig, pattern: tuple[str, ...], *, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in pattern])
 
-    def __call__(self, h: jax.Array, ctx: dict) -> jax.Array:
-        for layer in self.layers:
-            h = layer(h, ctx)
-        return h
+    def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None) -> tuple[jax.Array, dict]:
+        """replay [len(layers), B, T, k] or None; MoE stats come back stacked over the layers."""
+        all_stats = []
+        for i, layer in enumerate(self.layers):
+            h, stats = layer(h, ctx, None if replay is None else replay[i])
+            all_stats.append(stats)
+        if not self.layers or not all_stats[0]:
+            return h, {}
+        return h, jax.tree.map(lambda *xs: jnp.stack(xs), *all_stats)
 
 
 class Qwen35ForCausalLM(nnx.Module):
@@ -140,40 +157,62 @@ class Qwen35ForCausalLM(nnx.Module):
         return jnp.dot(hidden.astype(dtype), self.head_weight().astype(dtype))
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> ModelOutput:
-        """input_ids int32 [B, T] -> ModelOutput (logits [B, T, V], hidden [B, T, H])."""
+                 positions: jax.Array | None = None, routing: jax.Array | None = None) -> ModelOutput:
+        """input_ids int32 [B, T] -> ModelOutput (logits [B, T, V], hidden [B, T, H]).
+
+        routing int32 [L, B, T, k] (an earlier `out.routing`) replays those experts in every MoE layer.
+        """
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
             raise ValueError(
                 f"segment_ids shape {segment_ids.shape} must equal input_ids shape {input_ids.shape}")
+        if routing is not None:
+            expected = (cfg.num_hidden_layers, *input_ids.shape, cfg.num_experts_per_tok)
+            if not cfg.is_moe or routing.shape != expected:
+                raise ValueError(f"routing shape {routing.shape} must be [layers, batch, length, top_k] "
+                                 f"= {expected if cfg.is_moe else 'None: this model has no experts'}")
         if positions is None:
             positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
                          if segment_ids is None else segment_positions(segment_ids))
         cos, sin = rope_cos_sin(positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
                                 mrope_section=cfg.mrope_section, dtype=jnp.dtype(cfg.dtype))
         mask_ids = jnp.zeros_like(input_ids) if segment_ids is None else segment_ids
+        token_mask = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids > 0
         ctx = {"cos": cos, "sin": sin, "mask": segment_causal_mask(mask_ids),
-               "segment_ids": segment_ids}
+               "segment_ids": segment_ids, "token_mask": token_mask}
+        period = len(self.group_pattern)
+        grouped = self.num_groups * period
+        group_replay = tail_replay = None
+        if routing is not None:
+            group_replay = routing[:grouped].reshape(self.num_groups, period, *routing.shape[1:])
+            tail_replay = routing[grouped:]
 
         h = constrain(self.embed_tokens(input_ids), ACTIVATION_AXES)
-        h = self._run_groups(h, ctx)
-        h = self.tail(h, ctx)
+        h, group_stats = self._run_groups(h, ctx, group_replay)
+        h, tail_stats = self.tail(h, ctx, tail_replay)
         hidden = self.norm(h)
-        return ModelOutput(logits=self.logits(hidden), hidden=hidden,
-                           aux_loss=jnp.zeros((), jnp.float32))
+        out = ModelOutput(logits=self.logits(hidden), hidden=hidden,
+                          aux_loss=jnp.zeros((), jnp.float32))
+        if not cfg.is_moe:
+            return out
+        stats = [jax.tree.map(lambda x: x.reshape(grouped, *x.shape[2:]), group_stats)] if grouped else []
+        stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats, *([tail_stats] if tail_stats else []))
+        aux = load_balancing_loss(stats["counts"], stats["prob_sum"], jnp.sum(token_mask))
+        return out.replace(aux_loss=aux, routing=stats["routing"], expert_load=stats["counts"])
 
-    def _run_groups(self, h: jax.Array, ctx: dict) -> jax.Array:
-        """Scan the stacked groups so compile time does not grow with depth."""
+    def _run_groups(self, h: jax.Array, ctx: dict, replay: jax.Array | None) -> tuple[jax.Array, dict]:
+        """Scan the stacked groups so compile time does not grow with depth; MoE stats stack [G, P, ...]."""
         if self.num_groups == 0:
-            return h
+            return h, {}
         graphdef, state = nnx.split(self.groups)
 
-        def body(carry, group_state):
-            return constrain(nnx.merge(graphdef, group_state)(carry, ctx), ACTIVATION_AXES), None
+        def body(carry, xs):
+            group_state, group_replay = xs
+            h, stats = nnx.merge(graphdef, group_state)(carry, ctx, group_replay)
+            return constrain(h, ACTIVATION_AXES), stats
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat])
-        h, _ = jax.lax.scan(body, h, state)
-        return h
+        return jax.lax.scan(body, h, (state, replay))

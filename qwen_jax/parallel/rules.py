@@ -15,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # the expert axis is data parallel outside the experts
+    ("experts", "expert"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
@@ -44,9 +45,11 @@ def param_logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]
         axes = ("embed", _IN_PROJECTIONS[owner])
     elif leaf == "kernel" and owner in _OUT_PROJECTIONS:
         axes = (_OUT_PROJECTIONS[owner], "embed")
+    elif owner == "experts":  # gate_up_proj [E, H, 2I], down_proj [E, I, H]
+        axes = ("experts", "embed", "mlp") if leaf == "gate_up_proj" else ("experts", "mlp", "embed")
     elif leaf == "conv_weight":
         axes = (None, "heads")
-    else:  # norms, A_log, dt_bias: small, replicated
+    else:  # norms, A_log, dt_bias, routers: small, replicated
         axes = (None,) * (ndim - stacked)
     axes = (("layers",) if stacked else ()) + axes
     if len(axes) != ndim:
@@ -101,6 +104,12 @@ def activation_sharding(mesh: Mesh, rules):
         yield
     finally:
         _ACTIVE.value = previous
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing activation_sharding block, or None outside one."""
+    active = getattr(_ACTIVE, "value", None)
+    return None if active is None else active[0]
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

@@ -120,7 +120,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - started
         done = step + 1
+        expert_load = metrics.pop("moe/expert_load", [])
         row = {"step": done, **{k: float(v) for k, v in metrics.items() if k != "learning/bad_streak"},
+               **{f"moe/expert_load/{layer}": [int(n) for n in load]
+                  for layer, load in enumerate(expert_load)},
                "perf/step_time_s": elapsed, "perf/tokens_per_sec": tokens_per_step / elapsed,
                "perf/mfu": flops_per_token * tokens_per_step / elapsed / peak,
                **{f"data/skipped/{reason}": n for reason, n in skipped.items()}}

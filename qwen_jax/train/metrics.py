@@ -20,13 +20,17 @@ PEAK_FLOPS = {
 
 
 def matmul_weights(cfg: ModelConfig) -> int:
-    """Matmul weights incl. the LM head (a tied embedding counts once, as the head); no norms, no conv."""
+    """Matmul weights a token meets, incl. the LM head (a tied embedding counts once, as the head);
+    no norms, no conv. MoE: the router, the top-k routed experts and the shared expert."""
     h = cfg.hidden_size
     attention = h * cfg.num_attention_heads * cfg.head_dim * 2 + 2 * h * cfg.num_key_value_heads * cfg.head_dim \
         + cfg.num_attention_heads * cfg.head_dim * h
     gdn = h * cfg.conv_dim + h * cfg.linear_value_dim + 2 * h * cfg.linear_num_value_heads \
         + cfg.linear_value_dim * h
     mlp = 3 * h * cfg.intermediate_size
+    if cfg.is_moe:
+        mlp = h * cfg.num_experts + 3 * h * (
+            cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.shared_expert_intermediate_size)
     full = sum(t == FULL_ATTENTION for t in cfg.layer_types)
     layers = full * attention + (cfg.num_hidden_layers - full) * gdn + cfg.num_hidden_layers * mlp
     return layers + h * cfg.vocab_size

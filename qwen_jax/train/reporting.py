@@ -47,7 +47,8 @@ class RunLogger:
         if log:
             self.jsonl.write(row)
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                self.wandb.log({k: _for_wandb(v) for k, v in row.items() if k != "step"},
+                               step=row["step"])
         key = self.curve[0]
         postfix = {"loss": f"{row[key]:.3f}"} if key in row else {}
         if "perf/tokens_per_sec" in row:
@@ -65,3 +66,13 @@ class RunLogger:
             plot_curve(read_metrics(self.workdir / "metrics.jsonl"), self.curve[0],
                        self.workdir / self.curve[1], title=str(self.workdir.name))
         return self.rows
+
+
+def _for_wandb(value):
+    """Scalars as they are; a per-expert load list as a bar per expert (wandb has no list type)."""
+    if not isinstance(value, list):
+        return value
+    import numpy as np
+    import wandb
+
+    return wandb.Histogram(np_histogram=(np.asarray(value), np.arange(len(value) + 1)))

@@ -89,8 +89,10 @@ def loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, token_count: jax.Ar
         hidden, model.head_weight(), batch["targets"].reshape(-1), batch["loss_mask"].reshape(-1),
         chunk_size=cfg.ce_chunk, z_loss_weight=cfg.z_loss, compute_dtype=hidden.dtype)
     aux = out.aux_loss / cfg.grad_accum
-    loss = (ce_sum + z_sum) / token_count + cfg.moe_aux_loss * aux
-    return loss, {"ce": ce_sum / token_count, "aux": aux}
+    aux_weight = model.config.router_aux_loss_coef if cfg.moe_aux_loss is None else cfg.moe_aux_loss
+    loss = (ce_sum + z_sum) / token_count + aux_weight * aux
+    load = jnp.zeros((0,)) if out.expert_load is None else out.expert_load
+    return loss, {"ce": ce_sum / token_count, "aux": aux, "expert_load": load}
 
 
 def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfig, mesh, rules):
@@ -105,7 +107,9 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
         return total, None
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    init = (jnp.zeros(()), {"ce": jnp.zeros(()), "aux": jnp.zeros(())}, zeros)
+    _, parts_shape = jax.eval_shape(
+        lambda: loss_fn(state["params"], graphdef, jax.tree.map(lambda x: x[0], micro), cfg, token_count))
+    init = (jnp.zeros(()), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts_shape), zeros)
     with activation_sharding(mesh, rules):
         (loss, parts, grads), _ = jax.lax.scan(accumulate, init, micro)
 
@@ -129,6 +133,8 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
                "learning/grad_norm": grad_norm, "learning/lr": lr,
                "learning/moe_lb_loss": parts["aux"], "learning/skipped_steps": new["skipped_steps"],
                "learning/bad_streak": new["bad_streak"], "data/tokens": token_count}
+    if parts["expert_load"].size:
+        metrics["moe/expert_load"] = parts["expert_load"]  # [L, E] tokens routed per expert
     return new, metrics
 
 

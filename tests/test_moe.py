@@ -1,0 +1,185 @@
+"""MoE dispatch (padded == ragged == a per-assignment loop), expert parallelism over the mesh, and
+routing replay."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwen_jax import Qwen35ForCausalLM, preset
+from qwen_jax.config import TrainConfig
+from qwen_jax.ops.grouped_matmul import expert_capacity, expert_ffn
+from qwen_jax.parallel.expert import expert_parallel_ffn
+from qwen_jax.parallel.mesh import make_mesh
+from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
+from qwen_jax.train.step import loss_fn, make_trainer
+
+NUM_EXPERTS, TOP_K, HIDDEN, WIDTH, TOKENS = 8, 2, 16, 12, 64
+
+
+def expert_weights(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return (0.3 * jax.random.normal(k1, (NUM_EXPERTS, HIDDEN, 2 * WIDTH)),
+            0.3 * jax.random.normal(k2, (NUM_EXPERTS, WIDTH, HIDDEN)))
+
+
+def routing(kind: str) -> np.ndarray:
+    """[TOKENS, TOP_K] distinct experts per token: random, or every token to experts 0 and 1."""
+    if kind == "all_to_one":
+        return np.tile(np.arange(TOP_K, dtype=np.int32), (TOKENS, 1))
+    rng = np.random.default_rng(1)
+    return np.stack([rng.choice(NUM_EXPERTS, TOP_K, replace=False) for _ in range(TOKENS)]).astype(np.int32)
+
+
+def per_assignment_loop(x, experts, gate_up, down):
+    """The definition: SwiGLU of expert e on token t, one assignment at a time."""
+    out = []
+    for t, e in zip(np.repeat(np.arange(TOKENS), TOP_K), experts.reshape(-1)):
+        gate, up = np.split(x[t] @ gate_up[e], 2)
+        out.append((gate / (1 + np.exp(-gate)) * up) @ down[e])
+    return np.stack(out).reshape(TOKENS, TOP_K, HIDDEN)
+
+
+def local_ffn(dispatch, capacity_factor=1.25):
+    def run(x, experts, gate_up, down):
+        out = expert_ffn(x, jnp.arange(TOKENS * TOP_K) // TOP_K, experts.reshape(-1), gate_up, down,
+                         dispatch=dispatch,
+                         capacity=expert_capacity(TOKENS * TOP_K, NUM_EXPERTS, capacity_factor))
+        return out.reshape(TOKENS, TOP_K, HIDDEN)
+    return run
+
+
+def values_and_grads(ffn, x, experts, gate_up, down):
+    cotangent = jax.random.normal(jax.random.key(7), (TOKENS, TOP_K, HIDDEN))
+    loss = lambda x, gate_up, down: jnp.sum(ffn(x, experts, gate_up, down) * cotangent)
+    return jax.jit(ffn)(x, experts, gate_up, down), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
+        x, gate_up, down)
+
+
+@pytest.mark.parametrize("kind", ["random", "all_to_one"])
+def test_padded_dispatch_equals_ragged_and_the_definition(kind):
+    x = jax.random.normal(jax.random.key(3), (TOKENS, HIDDEN))
+    experts = jnp.asarray(routing(kind))
+    gate_up, down = expert_weights()
+    reference = per_assignment_loop(*map(np.asarray, (x, experts, gate_up, down)))
+    ragged, ragged_grads = values_and_grads(local_ffn("ragged"), x, experts, gate_up, down)
+    np.testing.assert_allclose(ragged, reference, rtol=1e-5, atol=1e-5)
+    # all_to_one overflows experts 0 and 1 far past capacity: the overflow pass must catch it all.
+    padded, padded_grads = values_and_grads(local_ffn("padded"), x, experts, gate_up, down)
+    np.testing.assert_allclose(padded, ragged, rtol=1e-6, atol=1e-6)
+    for got, want in zip(padded_grads, ragged_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["random", "all_to_one"])
+@pytest.mark.parametrize("mesh_sizes", [{"expert": 8}, {"data": 2, "expert": 4}])
+def test_expert_parallel_ffn_equals_one_device(kind, mesh_sizes):
+    mesh = make_mesh(mesh_sizes)
+    x = jax.random.normal(jax.random.key(3), (TOKENS, HIDDEN))
+    experts = jnp.asarray(routing(kind))
+    gate_up, down = expert_weights()
+
+    def parallel(x, experts, gate_up, down):
+        return expert_parallel_ffn(x, experts, gate_up, down, mesh=mesh, dispatch="padded",
+                                   capacity_factor=1.25)
+
+    got, got_grads = values_and_grads(parallel, x, experts, gate_up, down)
+    want, want_grads = values_and_grads(local_ffn("ragged"), x, experts, gate_up, down)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+MOE = preset("tiny-moe", vocab_size=256, num_hidden_layers=4)
+TRAIN = TrainConfig(batch_size=8, seq_len=32, warmup_steps=0)
+
+
+def make_batch(seed=0):
+    ids = np.random.default_rng(seed).integers(0, MOE.vocab_size, (8, 33)).astype(np.int32)
+    segments = np.where(np.arange(32) < 20, 1, 2).astype(np.int32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+            "segment_ids": np.broadcast_to(segments, (8, 32)).copy(),
+            "loss_mask": np.ones((8, 32), np.float32)}
+
+
+def loss_and_grads(mesh_sizes, devices=None):
+    """(loss, grads, compiled HLO text, params) of the MoE model's loss on `mesh_sizes`."""
+    mesh = make_mesh(mesh_sizes, devices)
+    trainer = make_trainer(MOE, TRAIN, mesh, DEFAULT_RULES)
+    params = trainer.init_state(seed=0)["params"]
+    batch = trainer.global_batch(make_batch())
+
+    def run(params, batch):
+        with activation_sharding(mesh, trainer.rules):
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, trainer.graphdef, batch, TRAIN, jnp.sum(batch["loss_mask"]))
+        return loss, grads
+
+    step = jax.jit(run, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding))
+    loss, grads = step(params, batch)
+    return loss, grads, step.lower(params, batch).compile().as_text(), params
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    loss, grads, _, _ = loss_and_grads({"data": 1}, jax.devices()[:1])
+    return float(loss), jax.tree.map(np.asarray, grads)
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"expert": 8}, {"data": 2, "expert": 4}])
+def test_expert_parallel_model_matches_one_device(single_device, mesh_sizes):
+    loss_1, grads_1 = single_device
+    loss, grads, hlo, params = loss_and_grads(mesh_sizes)
+    assert float(loss) == pytest.approx(loss_1, rel=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+    assert "all-to-all" in hlo
+    experts = params["groups"]["layers"][0]["mlp"]["experts"]
+    for weights in (experts["gate_up_proj"], experts["down_proj"]):  # [layers, E, ...]
+        assert weights.sharding.spec[1] == "expert"
+        assert weights.addressable_shards[0].data.shape[1] == MOE.num_experts // mesh_sizes["expert"]
+
+
+def test_train_step_reports_expert_load():
+    trainer = make_trainer(MOE, TRAIN, make_mesh({"expert": 8}), DEFAULT_RULES)
+    _, metrics = trainer.step_fn(trainer.init_state(seed=0), trainer.global_batch(make_batch()))
+    load = np.asarray(metrics["moe/expert_load"])
+    assert load.shape == (MOE.num_hidden_layers, MOE.num_experts)
+    np.testing.assert_array_equal(load.sum(1), 8 * 32 * MOE.num_experts_per_tok)
+    assert float(metrics["learning/moe_lb_loss"]) > 0
+
+
+@nnx.jit
+def forward(model, ids, routing=None):
+    out = model(ids, routing=routing)
+    return out.logits, out.routing
+
+
+def test_routing_replay_reproduces_and_never_reroutes():
+    model = Qwen35ForCausalLM(MOE, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, MOE.vocab_size, (2, 48)))
+    logits, chosen = forward(model, ids)
+    assert chosen.shape == (MOE.num_hidden_layers, 2, 48, MOE.num_experts_per_tok)
+    replayed, replayed_routing = forward(model, ids, chosen)
+    np.testing.assert_array_equal(replayed_routing, chosen)
+    np.testing.assert_allclose(replayed, logits, rtol=1e-6, atol=1e-6)
+
+    # Move every weight a little: free routing changes, replay keeps the recorded experts.
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    moved = [x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, moved))
+    free_logits, free_routing = forward(model, ids)
+    assert np.any(np.asarray(free_routing) != np.asarray(chosen))
+    moved_logits, moved_routing = forward(model, ids, chosen)
+    np.testing.assert_array_equal(moved_routing, chosen)
+    assert not np.allclose(moved_logits, free_logits, atol=1e-5)
+
+
+def test_replay_with_wrong_shape_is_refused():
+    model = Qwen35ForCausalLM(MOE, rngs=nnx.Rngs(0))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="routing shape"):
+        model(ids, routing=jnp.zeros((2, 1, 8, 2), jnp.int32))
