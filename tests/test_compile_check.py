@@ -20,3 +20,13 @@ def test_compile_tiny_for_a_v5p_topology(capsys):
 def test_unknown_topology_is_a_clear_error():
     with pytest.raises(ConfigError, match="v9x:2x2"):
         tpu_topology("v9x:2x2")
+
+
+@pytest.mark.slow
+def test_compile_expert_parallel_moe_for_a_v5p_topology(capsys):
+    """XLA:TPU takes the all-to-all exchange with its lax.cond overflow branch (not the CPU select)."""
+    main(["compile", "--config=configs/pretrain_moe_tiny.py", "--topology=v5p:2x2x1",
+          "--config.train.batch_size=4", "--config.train.seq_len=128"])
+    out = capsys.readouterr().out
+    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 4, 'context': 1}" in out
+    assert "fits:" in out

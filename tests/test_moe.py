@@ -127,7 +127,8 @@ def single_device():
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"expert": 8}, {"data": 2, "expert": 4}])
+@pytest.mark.parametrize("mesh_sizes", [{"expert": 8}, {"data": 2, "expert": 4},
+                                        {"fsdp": 2, "expert": 4}])
 def test_expert_parallel_model_matches_one_device(single_device, mesh_sizes):
     loss_1, grads_1 = single_device
     loss, grads, hlo, params = loss_and_grads(mesh_sizes)

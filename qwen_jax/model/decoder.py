@@ -197,8 +197,9 @@ class Qwen35ForCausalLM(nnx.Module):
                           aux_loss=jnp.zeros((), jnp.float32))
         if not cfg.is_moe:
             return out
-        stats = [jax.tree.map(lambda x: x.reshape(grouped, *x.shape[2:]), group_stats)] if grouped else []
-        stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats, *([tail_stats] if tail_stats else []))
+        # Scanned groups give [G, P, ...], the tail [tail, ...]: together [L, ...] in layer order.
+        parts = [jax.tree.map(lambda x: x.reshape(grouped, *x.shape[2:]), group_stats), tail_stats]
+        stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[p for p in parts if p])
         aux = load_balancing_loss(stats["counts"], stats["prob_sum"], jnp.sum(token_mask))
         return out.replace(aux_loss=aux, routing=stats["routing"], expert_load=stats["counts"])
 

@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from qwen_jax.parallel.rules import active_mesh
+
 DISPATCHES = ("ragged", "padded")
 
 
@@ -23,9 +25,12 @@ def cond_or_select(pred: jax.Array, true_fn, false_fn, *operands):
 
     XLA:CPU's runtime deadlocks when a conditional runs among collectives on several host devices
     (seen with jax 0.10.2: all-to-all and all-reduce rendezvous never complete), so the CPU test
-    meshes take the select; GPUs and TPUs skip the untaken branch's work.
+    meshes take the select; GPUs and TPUs skip the untaken branch's work. The platform is the
+    active mesh's (a TPU compile check traces on a CPU host), else the default backend.
     """
-    if jax.default_backend() != "cpu":
+    mesh = active_mesh()
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if platform != "cpu":
         return jax.lax.cond(pred, true_fn, false_fn, *operands)
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(*operands), false_fn(*operands))
 
