@@ -91,8 +91,34 @@ def _padded_swiglu(rows, sorted_experts, group_sizes, gate_up, down, capacity):
     overflow = valid & ~kept
 
     def overflow_pass(out):
-        # Kept rows enter as zeros and leave as zeros (no biases), so one ragged pass adds only
-        # the overflow rows' outputs.
-        return out + _ragged_swiglu(jnp.where(overflow[:, None], rows, 0), group_sizes, gate_up, down)
+        return out + _blocked_swiglu(rows, sorted_experts, overflow, gate_up, down)
 
     return cond_or_select(jnp.any(overflow), overflow_pass, lambda out: out, out)
+
+
+def _blocked_swiglu(rows, sorted_experts, take, gate_up, down):
+    """SwiGLU of the rows where `take` ([A, H] sorted by expert; other rows come out 0).
+
+    Each expert's taken rows are packed from the start of a fresh block and a scan runs block by
+    block with that block's expert weights, so the work is about (A + E x block) rows of matmul
+    however skewed the routing, where XLA's ragged_dot may compute every row against every expert.
+    """
+    num_experts, total = gate_up.shape[0], rows.shape[0]
+    block = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1, total // num_experts))))))
+    num_blocks = total // block + num_experts  # enough for any split of A rows over E experts
+    expert = jnp.minimum(sorted_experts, num_experts - 1)
+    taken = jnp.zeros(num_experts, jnp.int32).at[sorted_experts].add(take.astype(jnp.int32), mode="drop")
+    blocks = (taken + block - 1) // block
+    taken_before = jnp.cumsum(taken) - taken
+    rank = jnp.cumsum(take) - take - taken_before[expert]
+    position = jnp.where(take, (jnp.cumsum(blocks) - blocks)[expert] * block + rank, num_blocks * block)
+    packed = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype).at[position].set(rows, mode="drop")
+    block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks), jnp.arange(num_blocks), side="right"),
+                               num_experts - 1)
+
+    def one_block(_, block_and_expert):
+        x, e = block_and_expert
+        return None, _swiglu(x @ gate_up[e]) @ down[e]
+
+    _, out = jax.lax.scan(one_block, None, (packed.reshape(num_blocks, block, -1), block_expert))
+    return out.reshape(num_blocks * block, -1).at[position].get(mode="fill", fill_value=0)
