@@ -1,6 +1,6 @@
 """Sparse MoE benchmark: our SparseMoE (ragged and padded dispatch) against transformers' Qwen3_5MoeSparseMoeBlock.
 
-    python experiments/benchmarks/bench_moe.py [--quick] [--out experiments/results]
+    python experiments/benchmarks/bench_moe.py [--quick] [--wait-quiet S] [--out experiments/results]
 
 Times the whole MoE block and the routed experts alone (our expert_ffn + weighted sum against the
 peer's experts module), forward and forward+backward, under even and skewed routing; every side
@@ -45,8 +45,10 @@ from qwen_jax.ops.grouped_matmul import expert_capacity, expert_ffn  # noqa: E40
 
 from common import REPO, git_commit  # noqa: E402
 
+# XLA:CPU runs jax.lax.ragged_dot (our ragged dispatch) at ~1 GFLOP/s with 64 experts, where a batched
+# matmul of the same size runs at ~60: the CPU shape is small enough for that path to take seconds a call.
 SHAPES = {  # tokens, hidden, experts, top-k, routed expert width, shared expert width
-    "cpu": dict(tokens=4096, hidden=512, experts=64, top_k=8, width=128, shared=128),
+    "cpu": dict(tokens=2048, hidden=256, experts=64, top_k=8, width=64, shared=64),
     "cpu-quick": dict(tokens=1024, hidden=256, experts=16, top_k=4, width=64, shared=64),
     "gpu": dict(tokens=32768, hidden=2048, experts=256, top_k=8, width=512, shared=512),
 }
@@ -61,20 +63,52 @@ MIN_REPEATS = 3  # a case over its time budget still gets this many timed calls
 # ---------------------------------------------------------------- timing
 
 
-def measure(fn, sync, repeats, budget_s):
-    """fn() timed: a first call (compile) and a warm-up call, then up to `repeats` timed calls within budget_s."""
+def cpu_seconds():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far (Linux /proc/stat)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    own = os.times()
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_load(since, wall_s):
+    """Cores kept busy by other processes since `since` (a cpu_seconds()) over wall_s: the noise a timing ran under."""
+    now = cpu_seconds()
+    return max(0.0, (now[0] - since[0]) - (now[1] - since[1])) / wall_s
+
+
+def wait_quiet(max_s, threshold=0.3):
+    """Wait (up to max_s) until other processes use under `threshold` cores over a 5 s window; -> seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_s:
+        since = cpu_seconds()
+        time.sleep(5)
+        if other_load(since, 5) < threshold:
+            break
+    return time.perf_counter() - start
+
+
+def measure(fn, sync, repeats, budget_s, quiet_s):
+    """fn() timed: a first call (compile + warm-up), then up to `repeats` timed calls, fewer past budget_s."""
+    waited_s = wait_quiet(quiet_s) if quiet_s else 0.0
     start = time.perf_counter()
     sync(fn())
     first_call_s = time.perf_counter() - start
-    sync(fn())
-    times = []
+    times, since = [], cpu_seconds()
     while len(times) < repeats and (len(times) < MIN_REPEATS or sum(times) < budget_s):
         start = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - start)
     times_ms = [t * 1e3 for t in times]
     return {"first_call_s": first_call_s, "times_ms": times_ms, "median_ms": statistics.median(times_ms),
-            "min_ms": min(times_ms), "repeats": len(times_ms)}
+            "min_ms": min(times_ms), "repeats": len(times_ms), "waited_quiet_s": waited_s,
+            "other_load": other_load(since, sum(times))}
+
+
+def torch_sync_for(device):
+    """A sync function for torch results on `device` (CPU calls are already synchronous)."""
+    if device == "cuda":
+        return lambda out: torch.cuda.synchronize()
+    return lambda out: out
 
 
 def guarded(name, run):
@@ -87,7 +121,7 @@ def guarded(name, run):
 
 
 def flops(shape, part):
-    """Useful forward FLOPs: routed experts (3 matmuls of H x I per assignment), plus for the block the shared expert and router."""
+    """Useful forward FLOPs: routed experts (3 H x I matmuls an assignment); the block adds shared expert and router."""
     s = shape
     routed = 2 * s["tokens"] * s["top_k"] * 3 * s["hidden"] * s["width"]
     if part == "experts":
@@ -125,7 +159,7 @@ def build_peer(shape, impl, moe, device, dtype):
 
 
 def ours_fns(moe, part, x, cot, routing):
-    """Our (forward, grad of sum(y * cot) wrt x and every weight taking part) for `part`, jitted, as zero-argument calls."""
+    """Our jitted (forward, grad of sum(y * cot) wrt x and every weight taking part) for `part`, as 0-argument calls."""
     cfg = moe.config
     if part == "block":
         graphdef, params = nnx.split(moe)
@@ -187,7 +221,7 @@ def max_diff(a, b):
 # ---------------------------------------------------------------- the run
 
 
-def bench_routing(report, shape, skewed, dtype, torch_device, repeats, budget_s):
+def bench_routing(report, shape, skewed, dtype, torch_device, repeats, budget_s, quiet_s):
     """One routing (even or skewed): build every side, check their outputs agree, time every (part, mode, side)."""
     label = "skewed" if skewed else "even"
     print(f"routing {label}", flush=True)
@@ -233,15 +267,8 @@ def bench_routing(report, shape, skewed, dtype, torch_device, repeats, budget_s)
             sync = jax.block_until_ready if side.startswith("ours") else torch_sync_for(torch_device)
             case = {"part": part, "routing": label, "mode": mode, "side": side,
                     "flops": flops(shape, part) * (3 if mode == "fwd+bwd" else 1)}
-            case["timing"] = guarded(side, lambda: measure(fn, sync, repeats, budget_s))
+            case["timing"] = guarded(side, lambda: measure(fn, sync, repeats, budget_s, quiet_s))
             report.add(case, shape["tokens"])
-
-
-def torch_sync_for(device):
-    """A sync function for torch results on `device` (CPU calls are already synchronous)."""
-    if device == "cuda":
-        return lambda out: torch.cuda.synchronize()
-    return lambda out: out
 
 
 # ---------------------------------------------------------------- report
@@ -274,14 +301,14 @@ class Report:
         t = case["timing"]
         head = [case["part"], case["routing"], case["mode"], case["side"]]
         if "median_ms" not in t:
-            return head + ["error: " + t["error"][:120].replace("|", "/")] + [""] * 7
+            return head + ["error: " + t["error"][:120].replace("|", "/")] + [""] * 8
         ratios = []
         for peer in PEERS:
             other = next((c["timing"] for c in self.cases if c["side"] == f"torch {peer}" and
                           (c["part"], c["routing"], c["mode"]) == (case["part"], case["routing"], case["mode"])), {})
             ratios.append(f"{other['median_ms'] / t['median_ms']:.2f}" if "median_ms" in other else "-")
         return head + [f"{t['median_ms']:.1f}", f"{t['min_ms']:.1f}", f"{t['tokens_per_s']:,.0f}",
-                       f"{t['tflops']:.3g}", f"{t['first_call_s']:.2f}", *ratios]
+                       f"{t['tflops']:.3g}", f"{t['first_call_s']:.2f}", f"{t['other_load']:.2f}", *ratios]
 
     def save(self, complete):
         """Write moe_<device>.json and .md; -> the markdown."""
@@ -297,7 +324,7 @@ class Report:
         """The report: a header, the table (rows in SIDES order, ratios filled in) and the sanity checks."""
         m, v, s = self.meta, self.meta["versions"], self.meta["shape"]
         head = ["part", "routing", "mode", "side", "median ms", "min ms", "tokens/s", "useful TFLOP/s",
-                "first call s", "torch eager / this", "torch grouped_mm / this"]
+                "first call s", "other load", "torch eager / this", "torch grouped_mm / this"]
         lines = [f"# Sparse MoE benchmark on {m['device']} ({m['date']})", "",
                  f"jax {v['jax']}, flax {v['flax']}, torch {v['torch']} ({m['torch_threads']} threads, on "
                  f"{m['torch_device']}), transformers {v['transformers']}; {m['cpu_count']} CPUs; load average "
@@ -306,14 +333,15 @@ class Report:
                  f"{'' if m['complete'] else ' -- INCOMPLETE'}.", "",
                  f"{s['tokens']} tokens, hidden {s['hidden']}, {s['experts']} experts top-{s['top_k']} of width "
                  f"{s['width']}, shared expert {s['shared']}, {m['dtype']} (params and compute, both sides). "
-                 f"Median of up to {m['repeats']} timed calls after a first (compile) and a warm-up call. "
+                 f"Median of up to {m['repeats']} timed calls after a first call (compile + warm-up, timed apart); "
+                 "other load = cores kept busy by other processes meanwhile (noise). "
                  "Useful TFLOP/s = 2 x tokens x (top_k x 3HI [+ 3H x shared + H x E for the block]) per forward, "
                  "x3 for fwd+bwd, over the median; padding and overflow work do not count. fwd+bwd = grads of "
                  "sum(y * random cotangent) wrt x and every weight taking part. `experts` = the routed experts "
                  "alone with the router's top-k given: our expert_ffn + the weighted sum vs the peer's "
                  "Qwen3_5MoeExperts. Skewed: the router columns of the first top_k/2 experts scaled x"
                  f"{SKEW_SCALE:g}. The last two columns: peer ms / this ms (> 1: this side is faster)."
-                 + (" On CPU our padded path also runs its ragged overflow pass on every call "
+                 + (" On CPU our padded path also runs its block-by-block overflow pass on every call "
                     "(grouped_matmul.cond_or_select selects instead of branching there)."
                     if m["backend"] == "cpu" else ""), "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -330,6 +358,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller CPU shape and 3 repeats")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results"))
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                        help="before each case, wait up to S s for other processes to leave the CPU")
     args = parser.parse_args()
     loadavg_start = os.getloadavg()
 
@@ -348,12 +378,13 @@ def main():
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "quick": args.quick, "repeats": repeats, "budget_s_per_case": budget_s,
-        "shape": shape, "dtype": dtype, "skew_scale": SKEW_SCALE, "loadavg_start": loadavg_start,
+        "wait_quiet_s": args.wait_quiet, "shape": shape, "dtype": dtype, "skew_scale": SKEW_SCALE,
+        "loadavg_start": loadavg_start,
     }
     report = Report(args.out, device, meta)
     print(f"device {device}; torch on {torch_device}; shape {shape}, {dtype}", flush=True)
     for skewed in (False, True):
-        bench_routing(report, shape, skewed, dtype, torch_device, repeats, budget_s)
+        bench_routing(report, shape, skewed, dtype, torch_device, repeats, budget_s, args.wait_quiet)
     table = report.save(complete=True)
     print("\n" + table)
     print(f"wrote {report.out}/moe_{report.slug}.json and .md in {meta['total_s']:.0f} s")
