@@ -43,7 +43,7 @@ import qwen_jax  # noqa: E402
 from qwen_jax.interop.hf import save_hf  # noqa: E402
 from qwen_jax.ops.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule  # noqa: E402
 
-from common import REPO, git_commit, run_peer  # noqa: E402
+from common import REPO, git_commit, guarded, run_peer  # noqa: E402
 # inspect.unwrap skips transformers' hub-kernel decorator, so "torch" always means its pure PyTorch
 # path, even where fla is installed and the decorator would swap fla in.
 TORCH_CHUNK = inspect.unwrap(hf_qwen.torch_chunk_gated_delta_rule)
@@ -112,14 +112,6 @@ def measure(fn, sync, repeats, budget_s):
     return {"warmup_s": warmup_s, "times_ms": times_ms, "median_ms": statistics.median(times_ms),
             "repeats": len(times_ms)}
 
-
-def guarded(name, run):
-    """run() -> its result, or {"error": ...} so that one failing case (e.g. OOM) does not end the run."""
-    try:
-        return run()
-    except Exception as e:  # noqa: BLE001 - recorded in the report, not hidden
-        print(f"  {name}: ERROR {e!r}"[:300], flush=True)
-        return {"error": repr(e)[:500]}
 
 
 def timed_case(case, ours, ours_call, peer, peer_call, peer_sync, repeats, budget_s):

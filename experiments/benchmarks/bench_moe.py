@@ -43,7 +43,7 @@ from qwen_jax.config import preset  # noqa: E402
 from qwen_jax.model.moe import SparseMoE  # noqa: E402
 from qwen_jax.ops.grouped_matmul import expert_capacity, expert_ffn  # noqa: E402
 
-from common import REPO, git_commit  # noqa: E402
+from common import REPO, git_commit, guarded  # noqa: E402
 
 # XLA:CPU runs jax.lax.ragged_dot (our ragged dispatch) at ~1 GFLOP/s with 64 experts, where a batched
 # matmul of the same size runs at ~60: the CPU shape is small enough for that path to take seconds a call.
@@ -110,14 +110,6 @@ def torch_sync_for(device):
         return lambda out: torch.cuda.synchronize()
     return lambda out: out
 
-
-def guarded(name, run):
-    """run() -> its result, or {"error": ...} so that one failing side (e.g. grouped_mm on CPU) does not end the run."""
-    try:
-        return run()
-    except Exception as e:  # noqa: BLE001 - recorded in the report, not hidden
-        print(f"  {name}: ERROR {e!r}"[:300], flush=True)
-        return {"error": repr(e)[:500]}
 
 
 def flops(shape, part):

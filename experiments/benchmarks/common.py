@@ -49,3 +49,13 @@ def git_commit() -> str | None:
         return head.stdout.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def guarded(name: str, run):
+    """run() -> its result, or {"error": ...}, so that one failing case (an OOM, an unsupported peer
+    path) does not end the whole run."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - recorded in the report, not hidden
+        print(f"  {name}: ERROR {e!r}"[:300], flush=True)
+        return {"error": repr(e)[:500]}
