@@ -100,7 +100,7 @@ def _blocked_swiglu(rows, sorted_experts, take, gate_up, down):
     """SwiGLU of the rows where `take` ([A, H] sorted by expert; other rows come out 0).
 
     Each expert's taken rows are packed from the start of a fresh block and a scan runs block by
-    block with that block's expert weights, so the work is about (A + E x block) rows of matmul
+    block with that block's expert weights, so the work is about (taken + E x block) rows of matmul
     however skewed the routing, where XLA's ragged_dot may compute every row against every expert.
     """
     num_experts, total = gate_up.shape[0], rows.shape[0]
@@ -116,9 +116,15 @@ def _blocked_swiglu(rows, sorted_experts, take, gate_up, down):
     block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks), jnp.arange(num_blocks), side="right"),
                                num_experts - 1)
 
-    def one_block(_, block_and_expert):
-        x, e = block_and_expert
-        return None, _swiglu(x @ gate_up[e]) @ down[e]
+    used_blocks = jnp.sum(blocks)
 
-    _, out = jax.lax.scan(one_block, None, (packed.reshape(num_blocks, block, -1), block_expert))
+    def one_block(_, inputs):
+        x, e, index = inputs
+        # Blocks past the used ones hold no rows: on accelerators they cost a skipped branch, so
+        # the pass scales with the overflow, not with the static bound.
+        return None, cond_or_select(index < used_blocks, lambda x: _swiglu(x @ gate_up[e]) @ down[e],
+                                    jnp.zeros_like, x)
+
+    _, out = jax.lax.scan(one_block, None, (packed.reshape(num_blocks, block, -1), block_expert,
+                                            jnp.arange(num_blocks)))
     return out.reshape(num_blocks * block, -1).at[position].get(mode="fill", fill_value=0)
