@@ -1,4 +1,4 @@
-"""`qwen-jax <command>`: train, compile, info, convert, bench (rl and generate land with their issues)."""
+"""`qwen-jax <command>`: train, generate, compile, info, convert, bench (rl lands with its issue)."""
 
 from __future__ import annotations
 
@@ -125,6 +125,31 @@ def cmd_bench(args, overrides) -> None:
           f"({args.batch * args.seq_len / median:,.0f} tokens/s)")
 
 
+def cmd_generate(args, overrides) -> None:
+    """Sample continuations of --prompt (or every line of --prompts-file) and print their text."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from qwen_jax.generate.engine import generate
+    from qwen_jax.generate.loading import load_for_generation
+
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.prompts_file:
+        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line]
+    if not prompts:
+        raise SystemExit("error: give --prompt=TEXT or --prompts-file=FILE")
+    model, tokenizer, stop_ids = load_for_generation(args.model)
+    out = generate(model, [tokenizer.encode(p).ids for p in prompts], max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seeds=[args.seed + i for i in range(len(prompts))], stop_ids=stop_ids)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"=== prompt {i}: {prompt}")
+        print(tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--config", required=True)
     compile_.add_argument("--topology", default="v5p:2x2x1")
     compile_.set_defaults(run=cmd_compile)
+
+    gen = commands.add_parser("generate", help="sample from an HF directory or a qwen-jax workdir")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--prompt", default=None)
+    gen.add_argument("--prompts-file", dest="prompts_file", default=None)
+    gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    gen.add_argument("--top-k", dest="top_k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=cmd_generate)
 
     info = commands.add_parser("info", help="print a preset's or config's model and parameter count")
     info.add_argument("--preset", default="tiny")

@@ -18,6 +18,17 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal & same)[:, None]
 
 
+def cached_attention_mask(valid: jax.Array, index: jax.Array, length: int) -> jax.Array:
+    """valid [B, S] (columns holding real tokens, the new ones included) -> bool [B, 1, T, S] for
+    T queries at columns index .. index + T - 1: causal over valid keys, and always the query's own
+    column, so a padding query still has one key (no all-masked softmax)."""
+    columns = jnp.arange(valid.shape[1])
+    query_columns = index + jnp.arange(length)
+    causal = columns[None, :] <= query_columns[:, None]
+    own = columns[None, :] == query_columns[:, None]
+    return ((valid[:, None, :] & causal[None]) | own[None])[:, None]
+
+
 class GatedAttention(nnx.Module):
     """Softmax attention whose output is gated elementwise by sigmoid(gate) before o_proj."""
 
@@ -33,8 +44,13 @@ class GatedAttention(nnx.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, T, H], cos/sin [B, T, R], mask bool [B, 1, T, T] -> [B, T, H]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: dict | None = None, index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """x [B, T, H], cos/sin [B, T, R], mask bool [B, 1, T, S] -> ([B, T, H], cache).
+
+        Without a cache S = T. With one ({"k", "v"}: [B, S, Hkv, D]) the new keys and values are
+        written at columns index .. index + T - 1 and the queries attend over all S columns.
+        """
         batch, length, _ = x.shape
         query_and_gate = self.q_proj(x).reshape(batch, length, self.num_heads, 2 * self.head_dim)
         query, gate = jnp.split(query_and_gate, 2, axis=-1)
@@ -42,6 +58,11 @@ class GatedAttention(nnx.Module):
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         k = apply_rope(self.k_norm(k), cos, sin)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            start = (0, index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+            k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(out * jax.nn.sigmoid(gate.reshape(out.shape)))
+        return self.o_proj(out * jax.nn.sigmoid(gate.reshape(out.shape))), cache

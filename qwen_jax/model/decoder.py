@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from qwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
-from qwen_jax.model.attention import GatedAttention, segment_causal_mask
+from qwen_jax.model.attention import GatedAttention, cached_attention_mask, segment_causal_mask
+from qwen_jax.generate.cache import Cache, init_cache
 from qwen_jax.model.gated_deltanet import GatedDeltaNet
 from qwen_jax.model.mlp import SwiGLU
 from qwen_jax.model.moe import SparseMoE, load_balancing_loss
@@ -79,20 +80,21 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype,
                               param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
 
-    def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None) -> tuple[jax.Array, dict]:
-        """h [B, T, H] -> ([B, T, H], MoE stats or {}); ctx holds cos/sin, masks and segment ids;
-        replay [B, T, k] forces this layer's experts (MoE only)."""
+    def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None,
+                 cache: dict | None) -> tuple[jax.Array, dict, dict | None]:
+        """h [B, T, H] -> ([B, T, H], MoE stats or {}, updated cache); ctx holds cos/sin, masks,
+        segment ids and the cache column; replay [B, T, k] forces this layer's experts (MoE only)."""
         x = self.input_layernorm(h)
         if self.layer_type == LINEAR_ATTENTION:
-            x = self.linear_attn(x, ctx["segment_ids"])
+            x, cache = self.linear_attn(x, ctx["segment_ids"], cache)
         else:
-            x = self.self_attn(x, ctx["cos"], ctx["sin"], ctx["mask"])
+            x, cache = self.self_attn(x, ctx["cos"], ctx["sin"], ctx["mask"], cache, ctx["cache_index"])
         h = h + x
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoE):
             x, stats = self.mlp(x, ctx["token_mask"], replay)
-            return h + x, stats
-        return h + self.mlp(x), {}
+            return h + x, stats, cache
+        return h + self.mlp(x), {}, cache
 
 
 class LayerGroup(nnx.Module):
@@ -101,15 +103,20 @@ class LayerGroup(nnx.Module):
     def __init__(self, cfg: ModelConfig, pattern: tuple[str, ...], *, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in pattern])
 
-    def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None) -> tuple[jax.Array, dict]:
-        """replay [len(layers), B, T, k] or None; MoE stats come back stacked over the layers."""
-        all_stats = []
+    def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None,
+                 caches: tuple | None) -> tuple[jax.Array, dict, tuple | None]:
+        """replay [len(layers), B, T, k] or None; caches one per layer or None. MoE stats come back
+        stacked over the layers."""
+        all_stats, new_caches = [], []
         for i, layer in enumerate(self.layers):
-            h, stats = layer(h, ctx, None if replay is None else replay[i])
+            h, stats, cache = layer(h, ctx, None if replay is None else replay[i],
+                                    None if caches is None else caches[i])
             all_stats.append(stats)
+            new_caches.append(cache)
+        caches = None if caches is None else tuple(new_caches)
         if not self.layers or not all_stats[0]:
-            return h, {}
-        return h, jax.tree.map(lambda *xs: jnp.stack(xs), *all_stats)
+            return h, {}, caches
+        return h, jax.tree.map(lambda *xs: jnp.stack(xs), *all_stats), caches
 
 
 class Qwen35ForCausalLM(nnx.Module):
@@ -156,11 +163,19 @@ class Qwen35ForCausalLM(nnx.Module):
         dtype = jnp.dtype(self.config.dtype)
         return jnp.dot(hidden.astype(dtype), self.head_weight().astype(dtype))
 
+    def init_cache(self, batch: int, max_length: int) -> Cache:
+        """An empty decode cache for `batch` rows of up to `max_length` tokens."""
+        pattern, _, tail = layer_groups(self.config.layer_types)
+        return init_cache(self.config, pattern, self.num_groups, tail, batch, max_length)
+
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, routing: jax.Array | None = None) -> ModelOutput:
+                 positions: jax.Array | None = None, routing: jax.Array | None = None,
+                 cache: Cache | None = None) -> ModelOutput:
         """input_ids int32 [B, T] -> ModelOutput (logits [B, T, V], hidden [B, T, H]).
 
         routing int32 [L, B, T, k] (an earlier `out.routing`) replays those experts in every MoE layer.
+        cache (from `init_cache`, or an earlier `out.cache`) continues its rows with these T tokens
+        and comes back updated in `out.cache`; segment ids may then only mark left padding (0).
         """
         cfg = self.config
         if input_ids.ndim != 2:
@@ -173,15 +188,22 @@ class Qwen35ForCausalLM(nnx.Module):
             if not cfg.is_moe or routing.shape != expected:
                 raise ValueError(f"routing shape {routing.shape} must be [layers, batch, length, top_k] "
                                  f"= {expected if cfg.is_moe else 'None: this model has no experts'}")
-        if positions is None:
-            positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-                         if segment_ids is None else segment_positions(segment_ids))
+        token_mask = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids > 0
+        if cache is not None:
+            if positions is None:  # each row counts on from its own real tokens
+                before = jnp.cumsum(token_mask, axis=1) - token_mask
+                positions = cache.positions[:, None] + before.astype(jnp.int32)
+            valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+            mask = cached_attention_mask(valid, cache.index, input_ids.shape[1])
+        else:
+            if positions is None:
+                positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+                             if segment_ids is None else segment_positions(segment_ids))
+            mask = segment_causal_mask(jnp.zeros_like(input_ids) if segment_ids is None else segment_ids)
         cos, sin = rope_cos_sin(positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
                                 mrope_section=cfg.mrope_section, dtype=jnp.dtype(cfg.dtype))
-        mask_ids = jnp.zeros_like(input_ids) if segment_ids is None else segment_ids
-        token_mask = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids > 0
-        ctx = {"cos": cos, "sin": sin, "mask": segment_causal_mask(mask_ids),
-               "segment_ids": segment_ids, "token_mask": token_mask}
+        ctx = {"cos": cos, "sin": sin, "mask": mask, "segment_ids": segment_ids,
+               "token_mask": token_mask, "cache_index": None if cache is None else cache.index}
         period = len(self.group_pattern)
         grouped = self.num_groups * period
         group_replay = tail_replay = None
@@ -190,11 +212,17 @@ class Qwen35ForCausalLM(nnx.Module):
             tail_replay = routing[grouped:]
 
         h = constrain(self.embed_tokens(input_ids), ACTIVATION_AXES)
-        h, group_stats = self._run_groups(h, ctx, group_replay)
-        h, tail_stats = self.tail(h, ctx, tail_replay)
+        h, group_stats, group_caches = self._run_groups(
+            h, ctx, group_replay, None if cache is None else cache.groups)
+        h, tail_stats, tail_caches = self.tail(h, ctx, tail_replay, None if cache is None else cache.tail)
         hidden = self.norm(h)
         out = ModelOutput(logits=self.logits(hidden), hidden=hidden,
                           aux_loss=jnp.zeros((), jnp.float32))
+        if cache is not None:
+            out = out.replace(cache=Cache(
+                groups=group_caches, tail=tail_caches, valid=valid,
+                positions=cache.positions + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
+                index=cache.index + input_ids.shape[1]))
         if not cfg.is_moe:
             return out
         # Scanned groups give [G, P, ...], the tail [tail, ...]: together [L, ...] in layer order.
@@ -203,17 +231,20 @@ class Qwen35ForCausalLM(nnx.Module):
         aux = load_balancing_loss(stats["counts"], stats["prob_sum"], jnp.sum(token_mask))
         return out.replace(aux_loss=aux, routing=stats["routing"], expert_load=stats["counts"])
 
-    def _run_groups(self, h: jax.Array, ctx: dict, replay: jax.Array | None) -> tuple[jax.Array, dict]:
-        """Scan the stacked groups so compile time does not grow with depth; MoE stats stack [G, P, ...]."""
+    def _run_groups(self, h: jax.Array, ctx: dict, replay: jax.Array | None,
+                    caches: tuple | None) -> tuple[jax.Array, dict, tuple | None]:
+        """Scan the stacked groups so compile time does not grow with depth; MoE stats and caches
+        stack [G, P, ...] / [G, ...]."""
         if self.num_groups == 0:
-            return h, {}
+            return h, {}, caches
         graphdef, state = nnx.split(self.groups)
 
         def body(carry, xs):
-            group_state, group_replay = xs
-            h, stats = nnx.merge(graphdef, group_state)(carry, ctx, group_replay)
-            return constrain(h, ACTIVATION_AXES), stats
+            group_state, group_replay, group_caches = xs
+            h, stats, group_caches = nnx.merge(graphdef, group_state)(carry, ctx, group_replay, group_caches)
+            return constrain(h, ACTIVATION_AXES), (stats, group_caches)
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat])
-        return jax.lax.scan(body, h, (state, replay))
+        h, (stats, caches) = jax.lax.scan(body, h, (state, replay, caches))
+        return h, stats, caches

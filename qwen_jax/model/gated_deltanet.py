@@ -59,11 +59,31 @@ class GatedDeltaNet(nnx.Module):
         self.norm = GatedRMSNorm(self.v_head_dim, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.out_proj = dense(cfg.linear_value_dim, cfg.hidden_size, **kw)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        """x [B, T, H] (already normalised), segment_ids [B, T] or None -> [B, T, H]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None,
+                 cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """x [B, T, H] (already normalised), segment_ids [B, T] or None -> ([B, T, H], cache).
+
+        cache {"conv": [B, K-1, C] last pre-conv inputs, "state": [B, Hv, dk, dv] fp32} continues
+        the sequence; segment id 0 then marks right padding, which leaves the cache unchanged.
+        """
         batch, length, _ = x.shape
         key_dim = self.num_k_heads * self.k_head_dim
-        mixed = jax.nn.silu(causal_depthwise_conv(self.in_proj_qkv(x), self.conv_weight[...], segment_ids))
+        pre_conv = self.in_proj_qkv(x)
+        keep = None  # cached calls: False on padding, which must leave conv window and state as they are
+        if cache is None:
+            conv = causal_depthwise_conv(pre_conv, self.conv_weight[...], segment_ids)
+        else:
+            taps = self.conv_weight.shape[0]
+            keep = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids > 0
+            pre_conv = jnp.where(keep[..., None], pre_conv, 0)
+            window = jnp.concatenate([cache["conv"].astype(pre_conv.dtype), pre_conv], axis=1)
+            conv = causal_depthwise_conv(window, self.conv_weight[...], None)[:, taps - 1 :]
+            # Real tokens come first in the chunk: the new window ends at the last real one.
+            last = jnp.sum(keep, axis=1)[:, None] + jnp.arange(taps - 1)
+            cache = {"conv": jnp.take_along_axis(window, last[..., None], axis=1).astype(cache["conv"].dtype),
+                     "state": cache["state"]}
+            segment_ids = None
+        mixed = jax.nn.silu(conv)
         q = mixed[..., :key_dim].reshape(batch, length, self.num_k_heads, self.k_head_dim)
         k = mixed[..., key_dim : 2 * key_dim].reshape(batch, length, self.num_k_heads, self.k_head_dim)
         v = mixed[..., 2 * key_dim :].reshape(batch, length, self.num_v_heads, self.v_head_dim)
@@ -73,12 +93,17 @@ class GatedDeltaNet(nnx.Module):
         a = self.in_proj_a(x).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a + self.dt_bias[...].astype(jnp.float32))
+        if keep is not None:  # no decay and no write: the state passes padding unchanged
+            g, beta = jnp.where(keep[..., None], g, 0.0), jnp.where(keep[..., None], beta, 0.0)
         # Grouped value heads: value head j reads key head j // r (repeat-interleave, not tile).
         group = self.num_v_heads // self.num_k_heads
         q = jnp.repeat(l2_normalise(q.astype(jnp.float32)), group, axis=2) * self.k_head_dim**-0.5
         k = jnp.repeat(l2_normalise(k.astype(jnp.float32)), group, axis=2)
-        out, _ = gated_delta_rule(
+        out, final_state = gated_delta_rule(
             q, k, v.astype(jnp.float32), g, beta, segment_ids=segment_ids,
-            chunk_size=self.chunk_size, scan=self.scan)
+            initial_state=None if cache is None else cache["state"],
+            method="recurrent" if length == 1 else "chunked", chunk_size=self.chunk_size, scan=self.scan)
+        if cache is not None:
+            cache["state"] = final_state
         out = self.norm(out.astype(x.dtype), z)
-        return self.out_proj(out.reshape(batch, length, self.num_v_heads * self.v_head_dim))
+        return self.out_proj(out.reshape(batch, length, self.num_v_heads * self.v_head_dim)), cache

@@ -1,0 +1,1 @@
+"""Generation: decode caches, jitted prefill and decode, sampling."""

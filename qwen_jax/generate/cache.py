@@ -1,0 +1,55 @@
+"""Decode caches for the hybrid stack, preallocated to a fixed length (spec section 2.5).
+
+Full-attention layers keep keys (after k_norm and RoPE) and values; Gated DeltaNet layers keep the
+last K-1 pre-conv inputs and the fp32 recurrent state. The per-layer entries mirror the model's
+own layout (scanned groups stacked [G, ...], then the unscanned tail), so they ride the same scan.
+Column c of every row is written by the same call; `valid` marks the columns that hold real
+tokens. Within one call a row's real tokens come first and its padding after (right padding), so
+prompts of different lengths, rows that already stopped and replies of different lengths all
+share one column index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qwen_jax.config import LINEAR_ATTENTION, ModelConfig
+
+
+@struct.dataclass
+class Cache:
+    """groups: per pattern slot, arrays stacked [G, ...]; tail: per tail layer; valid [B, S] bool;
+    positions [B] int32 (RoPE position of each row's next token); index: next column to write."""
+
+    groups: tuple
+    tail: tuple
+    valid: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+
+def _layer_cache(cfg: ModelConfig, layer_type: str, batch: int, max_length: int) -> dict:
+    if layer_type == LINEAR_ATTENTION:
+        return {"conv": jnp.zeros((batch, cfg.linear_conv_kernel_dim - 1, cfg.conv_dim), jnp.dtype(cfg.dtype)),
+                "state": jnp.zeros((batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                    cfg.linear_value_head_dim), jnp.float32)}
+    shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(cfg.dtype))}
+
+
+def init_cache(cfg: ModelConfig, pattern: tuple[str, ...], num_groups: int, tail: tuple[str, ...],
+               batch: int, max_length: int) -> Cache:
+    """An empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""
+    stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_groups, *x.shape)), tree)
+    return Cache(
+        groups=tuple(stack(_layer_cache(cfg, t, batch, max_length)) for t in pattern),
+        tail=tuple(_layer_cache(cfg, t, batch, max_length) for t in tail),
+        valid=jnp.zeros((batch, max_length), bool),
+        positions=jnp.zeros((batch,), jnp.int32),
+        index=jnp.zeros((), jnp.int32))

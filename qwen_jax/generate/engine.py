@@ -1,0 +1,121 @@
+"""Batched generation: one jitted prefill over right-padded prompts, then a compiled decode loop
+(`lax.while_loop`) that stops when every row has hit a stop token or its budget."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from qwen_jax.generate.cache import Cache
+from qwen_jax.generate.sampling import sample
+
+
+@struct.dataclass
+class Generation:
+    """tokens int32 [B, N] (pad after a row stops; a stop token is kept), logprobs f32 [B, N]
+    (0 after the stop), lengths int32 [B] (new tokens per row, stop token included), cache (holds
+    prompt and new tokens, to continue the rows), routing int32 [L, B, S, k] for MoE models (the
+    experts of every cache column; None for dense)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    cache: Cache
+    routing: jax.Array | None = None
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids [B, T], segment_ids [B, T]: 1 on tokens, 0 on the padding after them)."""
+    width = max(len(row) for row in rows)
+    if width == 0:
+        raise ValueError("every prompt is empty; a prompt needs at least one token")
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    segments = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        if not len(row):
+            raise ValueError(f"prompt {b} is empty; a prompt needs at least one token")
+        ids[b, : len(row)], segments[b, : len(row)] = row, 1
+    return ids, segments
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seeds: int | Sequence[int] = 0,
+             stop_ids: Sequence[int] = (), pad_id: int = 0, cache: Cache | None = None,
+             max_length: int | None = None) -> Generation:
+    """Sample up to max_new_tokens after each prompt (token lists of any lengths).
+
+    With `cache` (an earlier Generation's), the prompts are appended to those rows (an environment's
+    reply, say) and nothing before them is recomputed. max_length (prompt + new tokens, default just
+    enough) sizes a fresh cache; leave room there for later turns.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    ids, segments = right_pad(prompts, pad_id)
+    batch = ids.shape[0]
+    if cache is None:
+        cache = model.init_cache(batch, max_length or ids.shape[1] + max_new_tokens)
+    needed = int(cache.index) + ids.shape[1] + max_new_tokens
+    if needed > cache.max_length:
+        raise ValueError(f"the cache holds {cache.max_length} columns but this call needs {needed} "
+                         "(max_length too small for prompt + max_new_tokens)")
+    seeds = [seeds] * batch if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(segments), cache, keys,
+                     jnp.asarray(list(stop_ids) or [-1], jnp.int32), max_new_tokens=max_new_tokens,
+                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
+                                              "top_p", "pad_id"))
+def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, *, max_new_tokens, temperature,
+              top_k, top_p, pad_id):
+    model = nnx.merge(graphdef, state)
+    batch = ids.shape[0]
+    moe = model.config.is_moe
+    routing = None
+    if moe:
+        routing = jnp.zeros((model.config.num_hidden_layers, batch, cache.max_length,
+                             model.config.num_experts_per_tok), jnp.int32)
+
+    def forward(tokens, token_segments, cache, routing):
+        start = cache.index
+        out = model(tokens, segment_ids=token_segments, cache=cache)
+        if moe:
+            routing = jax.lax.dynamic_update_slice(routing, out.routing, (0, 0, start, 0))
+        return out, routing
+
+    out, routing = forward(ids, segments, cache, routing)
+    last = jnp.sum(segments, axis=1) - 1  # each row's last prompt token
+    logits = jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0]
+
+    def body(carry):
+        step, cache, logits, tokens, logprobs, lengths, done, routing = carry
+        token, logprob = sample(logits, jax.vmap(jax.random.fold_in)(keys, jnp.full(batch, step)),
+                                temperature=temperature, top_k=top_k, top_p=top_p)
+        token = jnp.where(done, pad_id, token)
+        tokens = tokens.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+        # The new token joins the cache (a row that stopped earlier adds padding), so a later call
+        # continues after it.
+        out, routing = forward(token[:, None], (~done).astype(jnp.int32)[:, None], cache, routing)
+        lengths = lengths + ~done
+        done = done | jnp.isin(token, stop_ids)
+        return step + 1, out.cache, out.logits[:, 0], tokens, logprobs, lengths, done, routing
+
+    def more(carry):
+        step, done = carry[0], carry[6]
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    init = (jnp.zeros((), jnp.int32), out.cache, logits,
+            jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens)),
+            jnp.zeros(batch, jnp.int32), jnp.zeros(batch, bool), routing)
+    _, cache, _, tokens, logprobs, lengths, _, routing = jax.lax.while_loop(more, body, init)
+    return Generation(tokens=tokens, logprobs=logprobs, lengths=lengths, cache=cache, routing=routing)

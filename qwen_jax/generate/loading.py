@@ -1,0 +1,70 @@
+"""What `qwen-jax generate` runs: a model, its tokenizer and its stop ids from an HF directory, a
+qwen-jax workdir or one of its checkpoint steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flax import nnx
+from tokenizers import Tokenizer
+
+from qwen_jax.config import ConfigError, ModelConfig
+
+
+def _ids(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def load_for_generation(path: str | Path):
+    """DIR -> (model, tokenizer, stop ids). HF dirs stop at generation_config.json's eos ids (else
+    config.json's); workdirs at their tokenizer's end-of-text token."""
+    from qwen_jax.data.tokenizer import eos_id
+    from qwen_jax.interop.hf import load_hf
+
+    path = Path(path)
+    if (path / "state").is_dir():  # a checkpoint step: WORKDIR/checkpoints/<step>
+        return _load_workdir(path.parent.parent, path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ConfigError(f"--model={path}: no config.json; expected an HF directory, a qwen-jax "
+                          "workdir or a checkpoint step directory")
+    config = json.loads(config_file.read_text())
+    if "model" in config and (path / "checkpoints").is_dir():
+        return _load_workdir(path, None)
+    model = load_hf(path)
+    generation = path / "generation_config.json"
+    source = json.loads(generation.read_text()) if generation.exists() else config
+    stop = _ids(source.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id")))
+    tokenizer = _tokenizer(path)
+    return model, tokenizer, stop or _ids(eos_id(tokenizer))
+
+
+def _tokenizer(path: Path) -> Tokenizer:
+    file = path / "tokenizer.json"
+    if not file.exists():
+        raise ConfigError(f"--model={path}: no tokenizer.json beside the weights")
+    return Tokenizer.from_file(str(file))
+
+
+def _load_workdir(workdir: Path, step_dir: Path | None):
+    """The params of `step_dir` (default: the newest complete step) with the run's model config."""
+    import orbax.checkpoint as ocp
+
+    from qwen_jax.data.tokenizer import eos_id
+    from qwen_jax.model.decoder import Qwen35ForCausalLM
+
+    if step_dir is None:
+        steps = sorted((int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
+                       reverse=True)
+        if not steps:
+            raise ConfigError(f"--model={workdir}: no checkpoints yet")
+        step_dir = workdir / "checkpoints" / str(steps[0])
+    config = ModelConfig(**json.loads((workdir / "config.json").read_text())["model"])
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(step_dir.absolute() / "state")["params"]
+    model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, params)
+    tokenizer = _tokenizer(workdir)
+    return nnx.merge(graphdef, state), tokenizer, _ids(eos_id(tokenizer))
