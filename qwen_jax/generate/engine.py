@@ -20,7 +20,8 @@ class Generation:
     """tokens int32 [B, N] (pad after a row stops; a stop token is kept), logprobs f32 [B, N]
     (0 after the stop), lengths int32 [B] (new tokens per row, stop token included), cache (holds
     prompt and new tokens, to continue the rows), routing int32 [L, B, S, k] for MoE models (the
-    experts of every cache column; None for dense)."""
+    experts of each cache column this call wrote, 0 elsewhere; `cache.valid` marks the real
+    tokens among them; None for dense)."""
 
     tokens: jax.Array
     logprobs: jax.Array
