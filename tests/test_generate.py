@@ -176,3 +176,22 @@ def test_cli_generate_from_a_workdir(tmp_path, model, tokenizer, capsys):
     new = np.asarray(expected.tokens[0, : int(expected.lengths[0])]).tolist()
     text = tokenizer.decode(new, skip_special_tokens=False)
     assert text and text in capsys.readouterr().out
+
+
+def test_sharded_generation_equals_one_device(model):
+    from qwen_jax.parallel.mesh import make_mesh
+    from qwen_jax.parallel.rules import DEFAULT_RULES, param_shardings
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, jax.device_put(params, param_shardings(params, mesh, DEFAULT_RULES)))
+    sharded = nnx.merge(graphdef, state)
+    assert tuple(sharded.tail.layers[0].mlp.up_proj.kernel[...].sharding.spec) == ("fsdp", "tensor")
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
+    single = generate(model, prompts, max_new_tokens=5, temperature=0.9, seeds=[0, 1, 2, 3])
+    out = generate(sharded, prompts, max_new_tokens=5, temperature=0.9, seeds=[0, 1, 2, 3], mesh=mesh)
+    np.testing.assert_array_equal(out.tokens, single.tokens)
+    np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
+    keys = out.cache.groups[-1]["k"]  # [G, B, S, Hkv, D]: rows over data x fsdp, heads over tensor
+    assert keys.sharding.spec[1] == ("data", "fsdp") and keys.sharding.spec[3] == "tensor"

@@ -14,8 +14,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding
 
 from qwen_jax.config import LINEAR_ATTENTION, ModelConfig
+from qwen_jax.parallel.rules import spec_for
+
+# Logical axes of each per-layer entry (batch first), sharded by the same rules as the model:
+# rows like the batch, attention and GDN heads like the heads of the projections that fill them.
+ENTRY_AXES = {"k": ("batch", None, "heads", None), "v": ("batch", None, "heads", None),
+              "conv": ("batch", None, "heads"), "state": ("batch", "heads", None, None)}
 
 
 @struct.dataclass
@@ -53,3 +60,16 @@ def init_cache(cfg: ModelConfig, pattern: tuple[str, ...], num_groups: int, tail
         valid=jnp.zeros((batch, max_length), bool),
         positions=jnp.zeros((batch,), jnp.int32),
         index=jnp.zeros((), jnp.int32))
+
+
+def shard_cache(cache: Cache, mesh: Mesh, rules) -> Cache:
+    """Place every cache array on `mesh` by the logical-axis `rules` (stacked groups: layers first)."""
+    def place(path, x):
+        name = getattr(path[-1], "key", None)
+        if name in ENTRY_AXES:
+            logical = ENTRY_AXES[name]
+            logical = (None,) * (x.ndim - len(logical)) + logical  # the stacked-group axis
+        else:  # valid [B, S], positions [B], index []
+            logical = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
+        return jax.device_put(x, NamedSharding(mesh, spec_for(logical, x.shape, mesh, rules)))
+    return jax.tree_util.tree_map_with_path(place, cache)

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from qwen_jax.generate.cache import Cache
+from qwen_jax.generate.cache import Cache, shard_cache
 from qwen_jax.generate.sampling import sample
+from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
 
 
 @struct.dataclass
@@ -47,12 +48,14 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarra
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seeds: int | Sequence[int] = 0,
              stop_ids: Sequence[int] = (), pad_id: int = 0, cache: Cache | None = None,
-             max_length: int | None = None) -> Generation:
+             max_length: int | None = None, mesh=None, rules=DEFAULT_RULES) -> Generation:
     """Sample up to max_new_tokens after each prompt (token lists of any lengths).
 
     With `cache` (an earlier Generation's), the prompts are appended to those rows (an environment's
     reply, say) and nothing before them is recomputed. max_length (prompt + new tokens, default just
-    enough) sizes a fresh cache; leave room there for later turns.
+    enough) sizes a fresh cache; leave room there for later turns. With a `mesh`, the cache and the
+    activations are sharded by the logical-axis `rules`, as in training (rows over the batch axes,
+    heads over `tensor`); the model's params keep the placement they have.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -60,6 +63,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     batch = ids.shape[0]
     if cache is None:
         cache = model.init_cache(batch, max_length or ids.shape[1] + max_new_tokens)
+        if mesh is not None:
+            cache = shard_cache(cache, mesh, rules)
     needed = int(cache.index) + ids.shape[1] + max_new_tokens
     if needed > cache.max_length:
         raise ValueError(f"the cache holds {cache.max_length} columns but this call needs {needed} "
@@ -71,13 +76,26 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(segments), cache, keys,
                      jnp.asarray(list(stop_ids) or [-1], jnp.int32), max_new_tokens=max_new_tokens,
-                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=pad_id)
+                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=pad_id,
+                     mesh=mesh, rules=tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
-                                              "top_p", "pad_id"))
+                                              "top_p", "pad_id", "mesh", "rules"))
 def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, *, max_new_tokens, temperature,
-              top_k, top_p, pad_id):
+              top_k, top_p, pad_id, mesh, rules):
+    if mesh is None:
+        return _decode(graphdef, state, ids, segments, cache, keys, stop_ids, max_new_tokens,
+                       temperature, top_k, top_p, pad_id)
+    # Entered while tracing, so the sharding constraints are part of this compiled program.
+    with activation_sharding(mesh, rules):
+        return _decode(graphdef, state, ids, segments, cache, keys, stop_ids, max_new_tokens,
+                       temperature, top_k, top_p, pad_id)
+
+
+def _decode(graphdef, state, ids, segments, cache, keys, stop_ids, max_new_tokens, temperature, top_k,
+            top_p, pad_id):
+    """Prefill, then the while_loop of sample-and-feed steps (traced inside _generate)."""
     model = nnx.merge(graphdef, state)
     batch = ids.shape[0]
     moe = model.config.is_moe
