@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -13,7 +14,7 @@ from flax import nnx, struct
 
 from qwen_jax.generate.cache import Cache, shard_cache
 from qwen_jax.generate.sampling import sample
-from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
+from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding, hashable_rules
 
 
 @struct.dataclass
@@ -77,26 +78,22 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(segments), cache, keys,
                      jnp.asarray(list(stop_ids) or [-1], jnp.int32), max_new_tokens=max_new_tokens,
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=pad_id,
-                     mesh=mesh, rules=tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules))
+                     mesh=mesh, rules=hashable_rules(rules))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
                                               "top_p", "pad_id", "mesh", "rules"))
 def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, *, max_new_tokens, temperature,
               top_k, top_p, pad_id, mesh, rules):
-    if mesh is None:
-        return _decode(graphdef, state, ids, segments, cache, keys, stop_ids, max_new_tokens,
-                       temperature, top_k, top_p, pad_id)
+    """Prefill, then the while_loop of sample-and-feed steps."""
     # Entered while tracing, so the sharding constraints are part of this compiled program.
-    with activation_sharding(mesh, rules):
-        return _decode(graphdef, state, ids, segments, cache, keys, stop_ids, max_new_tokens,
-                       temperature, top_k, top_p, pad_id)
+    with contextlib.nullcontext() if mesh is None else activation_sharding(mesh, rules):
+        return _decode(nnx.merge(graphdef, state), ids, segments, cache, keys, stop_ids,
+                       max_new_tokens, temperature, top_k, top_p, pad_id)
 
 
-def _decode(graphdef, state, ids, segments, cache, keys, stop_ids, max_new_tokens, temperature, top_k,
-            top_p, pad_id):
-    """Prefill, then the while_loop of sample-and-feed steps (traced inside _generate)."""
-    model = nnx.merge(graphdef, state)
+def _decode(model, ids, segments, cache, keys, stop_ids, max_new_tokens, temperature, top_k, top_p,
+            pad_id):
     batch = ids.shape[0]
     moe = model.config.is_moe
     routing = None
@@ -113,7 +110,8 @@ def _decode(graphdef, state, ids, segments, cache, keys, stop_ids, max_new_token
 
     out, routing = forward(ids, segments, cache, routing)
     last = jnp.sum(segments, axis=1) - 1  # each row's last prompt token
-    logits = jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0]
+    # Logits of that token only: the prefill's [B, T, V] logits are never used, so XLA drops them.
+    logits = model.logits(jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0])
 
     def body(carry):
         step, cache, logits, tokens, logprobs, lengths, done, routing = carry

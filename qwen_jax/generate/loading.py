@@ -55,11 +55,11 @@ def _load_workdir(workdir: Path, step_dir: Path | None):
     from qwen_jax.model.decoder import Qwen35ForCausalLM
 
     if step_dir is None:
-        steps = sorted((int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
-                       reverse=True)
-        if not steps:
+        with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
+            step = manager.latest_step()  # finished saves only
+        if step is None:
             raise ConfigError(f"--model={workdir}: no checkpoints yet")
-        step_dir = workdir / "checkpoints" / str(steps[0])
+        step_dir = workdir / "checkpoints" / str(step)
     config = ModelConfig(**json.loads((workdir / "config.json").read_text())["model"])
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(step_dir.absolute() / "state")["params"]

@@ -60,8 +60,8 @@ class SparseMoE(nnx.Module):
         y = routed.reshape(batch, length, hidden).astype(x.dtype) + shared
 
         mask = token_mask.astype(jnp.float32)
-        counts = jnp.einsum("btke,bt->e", jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.float32),
-                            mask)
+        # A scatter-add, not a [B, T, k, E] one-hot: that would be GBs at 512 experts.
+        counts = jnp.zeros(cfg.num_experts).at[experts].add(jnp.broadcast_to(mask[..., None], experts.shape))
         stats = {"routing": experts, "counts": counts,
                  "prob_sum": jnp.einsum("bte,bt->e", probs, mask)}
         return y, stats

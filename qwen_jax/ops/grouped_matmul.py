@@ -15,10 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from qwen_jax.config import MOE_DISPATCHES
 from qwen_jax.parallel.rules import active_mesh
-
-DISPATCHES = ("ragged", "padded")
-
 
 def cond_or_select(pred: jax.Array, true_fn, false_fn, *operands):
     """`lax.cond` on accelerators; on CPU both branches run and the result is selected.
@@ -48,8 +46,8 @@ def expert_ffn(x: jax.Array, token_index: jax.Array, expert_index: jax.Array, ga
     x [N, H]; token_index, expert_index int32 [A]; gate_up [E, H, 2I] (gate columns first);
     down [E, I, H] -> [A, H] in x's dtype.
     """
-    if dispatch not in DISPATCHES:
-        raise ValueError(f"moe dispatch {dispatch!r}; choose one of {DISPATCHES}")
+    if dispatch not in MOE_DISPATCHES:
+        raise ValueError(f"moe dispatch {dispatch!r}; choose one of {MOE_DISPATCHES}")
     num_experts = gate_up.shape[0]
     gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     order = jnp.argsort(expert_index, stable=True)

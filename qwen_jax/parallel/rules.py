@@ -33,6 +33,11 @@ _IN_PROJECTIONS = {"q_proj": "heads", "k_proj": "heads", "v_proj": "heads", "in_
 _OUT_PROJECTIONS = {"o_proj": "heads", "out_proj": "heads", "down_proj": "mlp"}
 
 
+def hashable_rules(rules) -> tuple:
+    """Rules as nested tuples (config files give lists), so they can be a jit static argument."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
 def param_logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     """Logical axes of the parameter at `path` (e.g. ('groups','layers','0','mlp','up_proj','kernel'))."""
     stacked = path[0] == "groups"

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwen_jax.config import ModelConfig, TrainConfig
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 from qwen_jax.ops.cross_entropy import chunked_cross_entropy
-from qwen_jax.parallel.rules import activation_sharding, param_shardings, spec_for
+from qwen_jax.parallel.rules import activation_sharding, hashable_rules, param_shardings, spec_for
 from qwen_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "loss_mask")
@@ -107,9 +107,10 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
         return total, None
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    _, parts_shape = jax.eval_shape(
-        lambda: loss_fn(state["params"], graphdef, jax.tree.map(lambda x: x[0], micro), cfg, token_count))
-    init = (jnp.zeros(()), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts_shape), zeros)
+    model_config = nnx.merge(graphdef, state["params"]).config
+    load_shape = (model_config.num_hidden_layers, model_config.num_experts) if model_config.is_moe else (0,)
+    init = (jnp.zeros(()), {"ce": jnp.zeros(()), "aux": jnp.zeros(()), "expert_load": jnp.zeros(load_shape)},
+            zeros)
     with activation_sharding(mesh, rules):
         (loss, parts, grads), _ = jax.lax.scan(accumulate, init, micro)
 
@@ -140,7 +141,7 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
 
 def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, rules) -> Trainer:
     """Build the optimizer, shardings and the jitted step for this model on this mesh."""
-    rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
+    rules = hashable_rules(rules)
     graphdef, params = abstract_params(model_config)
     optimizer = make_optimizer(train_config)
     shardings = state_shardings_for(params, optimizer, mesh, rules)
