@@ -17,6 +17,10 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 GDN_SCANS = ("sequential", "associative")
 ARCHITECTURES = ("qwen3_5", "qwen3_next")  # the HF family save_hf writes (weights layout, RoPE)
 MOE_DISPATCHES = ("ragged", "padded")
+# "auto": cuDNN flash attention on GPU, XLA's attention elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# "auto": the Pallas kernel on GPU, the pure-JAX chunked op elsewhere (TPU, CPU).
+GDN_IMPLS = ("auto", "jax", "pallas")
 
 
 class ConfigError(ValueError):
@@ -71,6 +75,8 @@ class ModelConfig:
     remat: str = "none"
     gdn_chunk_size: int = 64
     gdn_scan: str = "sequential"
+    gdn_impl: str = "auto"
+    attention_impl: str = "auto"
     # "ragged": sort + jax.lax.ragged_dot (simple; the oracle). "padded": per-expert buffers of
     # moe_capacity_factor x the even share, one batched matmul, and a ragged pass for any overflow.
     moe_dispatch: str = "padded"
@@ -165,7 +171,8 @@ class ModelConfig:
             self._validate_moe()
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
                               ("gdn_scan", GDN_SCANS), ("architecture", ARCHITECTURES),
-                              ("moe_dispatch", MOE_DISPATCHES)):
+                              ("moe_dispatch", MOE_DISPATCHES), ("gdn_impl", GDN_IMPLS),
+                              ("attention_impl", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} is {getattr(self, name)!r}; choose one of {allowed}")
         if self.rms_norm_eps <= 0:

@@ -199,7 +199,8 @@ class Qwen35ForCausalLM(nnx.Module):
             if positions is None:
                 positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
                              if segment_ids is None else segment_positions(segment_ids))
-            mask = segment_causal_mask(jnp.zeros_like(input_ids) if segment_ids is None else segment_ids)
+            # None: plain causal rows, which attention runs without materialising a [T, T] mask.
+            mask = None if segment_ids is None else segment_causal_mask(segment_ids)
         cos, sin = rope_cos_sin(positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
                                 mrope_section=cfg.mrope_section, dtype=jnp.dtype(cfg.dtype))
         ctx = {"cos": cos, "sin": sin, "mask": mask, "segment_ids": segment_ids,

@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen_jax.config import ModelConfig
+from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import GatedRMSNorm
 from qwen_jax.ops.delta_rule import gated_delta_rule
+from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V
+from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes
 
 
 def causal_depthwise_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -27,9 +29,21 @@ def causal_depthwise_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Arra
     return out.astype(x.dtype)
 
 
-def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """x * rsqrt(sum(x^2) + eps) over the last axis (eps inside the root, as FLA and HF)."""
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+def gdn_method(cfg: ModelConfig) -> str:
+    """The gated delta rule's implementation for multi-token calls: cfg.gdn_impl with "auto" resolved.
+
+    "auto" takes the Pallas kernel on GPU when its tiling fits the head dims, else the pure-JAX chunked op.
+    """
+    if cfg.gdn_impl == "jax":
+        return "chunked"
+    try:
+        check_kernel_shapes(cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.gdn_chunk_size,
+                            min(BLOCK_V, cfg.linear_value_head_dim))
+    except ValueError as e:
+        if cfg.gdn_impl == "pallas":
+            raise ConfigError(f"model.gdn_impl is 'pallas', but {e}") from e
+        return "chunked"
+    return "pallas" if cfg.gdn_impl == "pallas" or jax.default_backend() == "gpu" else "chunked"
 
 
 def _log_uniform_a(key, shape, dtype):
@@ -45,6 +59,7 @@ class GatedDeltaNet(nnx.Module):
         self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.k_head_dim, self.v_head_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.chunk_size, self.scan = cfg.gdn_chunk_size, cfg.gdn_scan
+        self.method = gdn_method(cfg)
         self.in_proj_qkv = dense(cfg.hidden_size, cfg.conv_dim, **kw)
         self.in_proj_z = dense(cfg.hidden_size, cfg.linear_value_dim, **kw)
         self.in_proj_b = dense(cfg.hidden_size, self.num_v_heads, **kw)
@@ -97,12 +112,11 @@ class GatedDeltaNet(nnx.Module):
             g, beta = jnp.where(keep[..., None], g, 0.0), jnp.where(keep[..., None], beta, 0.0)
         # Grouped value heads: value head j reads key head j // r (repeat-interleave, not tile).
         group = self.num_v_heads // self.num_k_heads
-        q = jnp.repeat(l2_normalise(q.astype(jnp.float32)), group, axis=2) * self.k_head_dim**-0.5
-        k = jnp.repeat(l2_normalise(k.astype(jnp.float32)), group, axis=2)
+        q, k = jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2)
         out, final_state = gated_delta_rule(
-            q, k, v.astype(jnp.float32), g, beta, segment_ids=segment_ids,
-            initial_state=None if cache is None else cache["state"],
-            method="recurrent" if length == 1 else "chunked", chunk_size=self.chunk_size, scan=self.scan)
+            q, k, v, g, beta, segment_ids=segment_ids, initial_state=None if cache is None else cache["state"],
+            method="recurrent" if length == 1 else self.method, chunk_size=self.chunk_size, scan=self.scan,
+            normalize_qk=True, scale=self.k_head_dim**-0.5)
         if cache is not None:
             cache["state"] = final_state
         out = self.norm(out.astype(x.dtype), z)

@@ -2,10 +2,15 @@
 
 Per batch row and head, with a float32 state S [dk, dv], every step t does
     S <- exp(g_t) S;  delta = beta_t (v_t - S^T k_t);  S <- S + k_t delta^T;  o_t = S^T q_t.
-q and k arrive l2-normalised and q already scaled: this module is the pure rule.
-With segment_ids (documents packed in a row), S restarts from zero wherever the id changes.
+The ops take q and k l2-normalised and q already scaled (the pure rule); the dispatcher
+gated_delta_rule can do that first (normalize_qk). With segment_ids (documents packed in a row),
+S restarts from zero wherever the id changes. The chunk-local terms (chunk_terms) are shared with
+the Pallas kernel in ops/pallas/, for which the chunked op here is the oracle.
 """
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -15,7 +20,7 @@ from qwen_jax.ops.triangular import unit_lower_inverse
 PRECISION = lax.Precision.HIGHEST
 
 SCANS = ("sequential", "associative")
-METHODS = ("chunked", "recurrent")
+METHODS = ("chunked", "recurrent", "pallas")
 
 
 def _einsum(spec, *operands):
@@ -35,7 +40,7 @@ def _masked_exp(x, mask):
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def _check_inputs(q, k, v, g, beta, initial_state, segment_ids):
+def check_inputs(q, k, v, g, beta, initial_state, segment_ids):
     """Raise ValueError unless q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H], state [B,H,dk,dv], ids [B,T]."""
     shapes = f"q {q.shape}, k {k.shape}, v {v.shape}, g {g.shape}, beta {beta.shape}"
     if q.ndim != 4 or k.shape != q.shape:
@@ -53,7 +58,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, segment_ids):
         raise ValueError(f"segment_ids must be [B, T] = {(batch, seq_len)}; got {segment_ids.shape} ({shapes})")
 
 
-def _start_state(initial_state, q, v):
+def start_state(initial_state, q, v):
     """The given initial state as float32, or zeros [B, H, dk, dv]."""
     if initial_state is not None:
         return initial_state.astype(jnp.float32)
@@ -69,7 +74,7 @@ def _segment_starts(segment_ids):
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None):
     """Step-by-step reference: q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv], state [B,H,dk,dv]."""
-    _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     batch, seq_len = q.shape[:2]
     if segment_ids is None:
         starts = jnp.zeros((batch, seq_len), bool)
@@ -88,12 +93,12 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_
         return jnp.moveaxis(x, 1, 0).astype(jnp.float32)
 
     inputs = tuple(map(time_major, (q, k, v, g, beta))) + (jnp.moveaxis(starts, 1, 0),)
-    final_state, o = lax.scan(step, _start_state(initial_state, q, v), inputs)
+    final_state, o = lax.scan(step, start_state(initial_state, q, v), inputs)
     return jnp.moveaxis(o, 0, 1).astype(v.dtype), final_state
 
 
 def _chunk_masks(segment_ids, chunk_size, padding):
-    """Segment masks per chunk, shaped to broadcast over heads: [N,B,1,C,C] same, [N,B,1,C] carried, in_last.
+    """Segment masks per chunk, shaped to broadcast over heads: [B,1,N,C,C] same, [B,1,N,C] carried, in_last.
 
     same[r, s]: r and s are in one segment. carried[r]: r is in the segment of the token just before the chunk
     (for the first chunk: the first token's, which owns the initial state). in_last[s]: s is in the chunk's last
@@ -104,15 +109,74 @@ def _chunk_masks(segment_ids, chunk_size, padding):
     runs = jnp.cumsum(_segment_starts(segment_ids), axis=1)
     run_before = jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1)[:, ::chunk_size]  # [B, N]
     # Edge padding: padded positions join the last segment and so never reset anything.
-    runs = jnp.pad(runs, ((0, 0), (0, padding)), mode="edge").reshape(batch, -1, chunk_size)
-    runs = jnp.moveaxis(runs, 1, 0)[:, :, None, :]  # [N, B, 1, C]
-    run_before = jnp.moveaxis(run_before, 1, 0)[:, :, None, None]
+    runs = jnp.pad(runs, ((0, 0), (0, padding)), mode="edge").reshape(batch, 1, -1, chunk_size)
+    run_before = run_before[:, None, :, None]
     same = runs[..., :, None] == runs[..., None, :]
     return same, runs == run_before, runs == runs[..., -1:]
 
 
-def _incoming_states_sequential(start_state, u, w, k_to_end, state_decay):
-    """lax.scan over chunks with the direct update V' = U - W S; -> ([N,B,H,dk,dv] incoming, final)."""
+class ChunkTerms(NamedTuple):
+    """The chunk-local terms of the WY form, float32, per [B, H, N] chunk of C tokens.
+
+    The whole rule is then, chunk by chunk with incoming state S [dk, dv]:
+        V' = u - w S;   o = q_decayed S + qk_decayed V';   S <- state_decay S + k_to_end^T V'.
+    """
+
+    q_decayed: jax.Array  # [B, H, N, C, dk]: q scaled by the decay since the chunk start (0 past a reset)
+    qk_decayed: jax.Array  # [B, H, N, C, C]: (q k^T) * Gamma, lower triangular, within one segment
+    u: jax.Array  # [B, H, N, C, dv]: (I + A)^-1 diag(beta) V
+    w: jax.Array  # [B, H, N, C, dk]: (I + A)^-1 diag(beta exp(G)) K, exp(G) only where the state reaches
+    k_to_end: jax.Array  # [B, H, N, C, dk]: K decayed to the chunk's end, 0 outside its last segment
+    state_decay: jax.Array  # [B, H, N]: how much of the incoming state the chunk hands on
+
+
+def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size) -> ChunkTerms:
+    """q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H], ids [B,T] | None -> ChunkTerms (T padded to N*C)."""
+    batch, seq_len, heads, _ = q.shape
+    num_chunks = -(-seq_len // chunk_size)
+    padding = num_chunks * chunk_size - seq_len
+
+    def to_chunks(x):
+        """[B, T, H, ...] -> float32 [B, H, N, C, ...], zero-padded (beta = 0 keeps padding out of the state)."""
+        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(batch, num_chunks, chunk_size, heads, *x.shape[3:])
+        return jnp.moveaxis(x, 3, 1)
+
+    q_c, k_c, v_c, g_c, beta_c = map(to_chunks, (q, k, v, g, beta))
+    if segment_ids is None:
+        same, carried, in_last = None, None, None
+    else:
+        same, carried, in_last = _chunk_masks(segment_ids, chunk_size, padding)
+
+    # Within a chunk, G is the cumulative log-decay; Gamma[r, s] = exp(G_r - G_s) links s <= r of one segment.
+    log_decay = jnp.cumsum(g_c, axis=-1)  # [B, H, N, C]
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    linked = causal if same is None else causal & same
+    gamma = _masked_exp(log_decay[..., :, None] - log_decay[..., None, :], linked)
+    carried_decay = _masked(jnp.exp(log_decay), carried)  # how much of the incoming state reaches r
+
+    # (I + A) [U | W] = [diag(beta) V | diag(beta exp(G)) K], exp(G) only where the incoming state reaches;
+    # A is strictly lower triangular.
+    a = jnp.tril(beta_c[..., :, None] * _einsum("bhnrk,bhnsk->bhnrs", k_c, k_c) * gamma, -1)
+    rhs = jnp.concatenate([beta_c[..., None] * v_c, (beta_c * carried_decay)[..., None] * k_c], axis=-1)
+    solved = _einsum("bhnrs,bhnsd->bhnrd", unit_lower_inverse(a), rhs)
+    value_dim = v.shape[-1]
+
+    # What a chunk hands on: exp(G_C) S (if its last token is in the carried segment) plus the writes of its
+    # last segment's tokens, decayed to the chunk's end.
+    decay_to_end = _masked_exp(log_decay[..., -1:] - log_decay, in_last)
+    return ChunkTerms(
+        q_decayed=carried_decay[..., None] * q_c,
+        qk_decayed=_einsum("bhnrk,bhnsk->bhnrs", q_c, k_c) * gamma,
+        u=solved[..., :value_dim],
+        w=solved[..., value_dim:],
+        k_to_end=decay_to_end[..., None] * k_c,
+        state_decay=carried_decay[..., -1],
+    )
+
+
+def _incoming_states_sequential(state0, u, w, k_to_end, state_decay):
+    """lax.scan over chunks (axis 0) with the direct update V' = U - W S; -> ([N,B,H,dk,dv] incoming, final)."""
 
     def step(state, chunk):
         u_c, w_c, k_to_end_c, decay_c = chunk
@@ -120,12 +184,12 @@ def _incoming_states_sequential(start_state, u, w, k_to_end, state_decay):
         next_state = decay_c[..., None, None] * state + _einsum("bhck,bhcv->bhkv", k_to_end_c, new_values)
         return next_state, state
 
-    final_state, incoming = lax.scan(step, start_state, (u, w, k_to_end, state_decay))
+    final_state, incoming = lax.scan(step, state0, (u, w, k_to_end, state_decay))
     return incoming, final_state
 
 
-def _incoming_states_associative(start_state, u, w, k_to_end, state_decay):
-    """lax.associative_scan over the chunks' affine maps S -> M S + B; -> ([N,B,H,dk,dv] incoming, final)."""
+def _incoming_states_associative(state0, u, w, k_to_end, state_decay):
+    """lax.associative_scan over the chunks' (axis 0) affine maps S -> M S + B; -> ([N,B,H,dk,dv] incoming, final)."""
     key_dim = w.shape[-1]
     carried_part = state_decay[..., None, None] * jnp.eye(key_dim, dtype=w.dtype)
     transition = carried_part - _einsum("nbhck,nbhcj->nbhkj", k_to_end, w)
@@ -136,65 +200,50 @@ def _incoming_states_associative(start_state, u, w, k_to_end, state_decay):
         return _einsum("...ij,...jk->...ik", m2, m1), _einsum("...ij,...jv->...iv", m2, b1) + b2
 
     transition, offset = lax.associative_scan(compose, (transition, offset))
-    after = _einsum("nbhkj,bhjv->nbhkv", transition, start_state) + offset  # state after each chunk
-    return jnp.concatenate([start_state[None], after[:-1]]), after[-1]
+    after = _einsum("nbhkj,bhjv->nbhkv", transition, state0) + offset  # state after each chunk
+    return jnp.concatenate([state0[None], after[:-1]]), after[-1]
+
+
+def _check_chunking(scan, chunk_size):
+    """Raise ValueError on an unknown scan or a chunk size that is not a positive int."""
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}; got {scan!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
 
 def chunked_gated_delta_rule(
     q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64, scan="sequential"
 ):
     """Chunked WY form: q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv], state [B,H,dk,dv]."""
-    _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
-    if scan not in SCANS:
-        raise ValueError(f"scan must be one of {SCANS}; got {scan!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    _check_chunking(scan, chunk_size)
     batch, seq_len, heads, _ = q.shape
-    num_chunks = -(-seq_len // chunk_size)
-    padding = num_chunks * chunk_size - seq_len
+    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
 
-    def to_chunks(x):
-        """[B, T, H, ...] -> float32 [N, B, H, C, ...], zero-padded (beta = 0 keeps padding out of the state)."""
-        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(batch, num_chunks, chunk_size, *x.shape[2:])
-        return jnp.moveaxis(x, (1, 2), (0, 3))
-
-    q_c, k_c, v_c, g_c, beta_c = map(to_chunks, (q, k, v, g, beta))
-    if segment_ids is None:
-        same, carried, in_last = None, None, None
-    else:
-        same, carried, in_last = _chunk_masks(segment_ids, chunk_size, padding)
-
-    # Within a chunk, G is the cumulative log-decay; Gamma[r, s] = exp(G_r - G_s) links s <= r of one segment.
-    log_decay = jnp.cumsum(g_c, axis=-1)  # [N, B, H, C]
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-    linked = causal if same is None else causal & same
-    gamma = _masked_exp(log_decay[..., :, None] - log_decay[..., None, :], linked)
-    carried_decay = _masked(jnp.exp(log_decay), carried)  # how much of the incoming state reaches r
-
-    # (I + A) [U | W] = [diag(beta) V | diag(beta exp(G)) K], exp(G) only where the incoming state reaches;
-    # A is strictly lower triangular.
-    a = jnp.tril(beta_c[..., :, None] * _einsum("nbhrk,nbhsk->nbhrs", k_c, k_c) * gamma, -1)
-    rhs = jnp.concatenate([beta_c[..., None] * v_c, (beta_c * carried_decay)[..., None] * k_c], axis=-1)
-    solved = _einsum("nbhrs,nbhsd->nbhrd", unit_lower_inverse(a), rhs)
-    value_dim = v.shape[-1]
-    u, w = solved[..., :value_dim], solved[..., value_dim:]
-
-    # What a chunk hands on: exp(G_C) S (if its last token is in the carried segment) plus the writes of its
-    # last segment's tokens, decayed to the chunk's end.
-    decay_to_end = _masked_exp(log_decay[..., -1:] - log_decay, in_last)
-    k_to_end = decay_to_end[..., None] * k_c
-    state_decay = carried_decay[..., -1]
+    def chunk_major(x):
+        """[B, H, N, ...] -> [N, B, H, ...]: the scans run over the leading axis."""
+        return jnp.moveaxis(x, 2, 0)
 
     incoming_states = _incoming_states_sequential if scan == "sequential" else _incoming_states_associative
-    incoming, final_state = incoming_states(_start_state(initial_state, q, v), u, w, k_to_end, state_decay)
+    incoming, final_state = incoming_states(
+        start_state(initial_state, q, v),
+        *map(chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
+    incoming = jnp.moveaxis(incoming, 0, 2)  # [B, H, N, dk, dv]
 
     # All chunks at once, given their incoming states.
-    new_values = u - _einsum("nbhck,nbhkv->nbhcv", w, incoming)
-    o = _einsum("nbhck,nbhkv->nbhcv", carried_decay[..., None] * q_c, incoming)
-    o = o + _einsum("nbhrs,nbhsv->nbhrv", _einsum("nbhrk,nbhsk->nbhrs", q_c, k_c) * gamma, new_values)
-    o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(batch, num_chunks * chunk_size, heads, value_dim)
+    new_values = terms.u - _einsum("bhnck,bhnkv->bhncv", terms.w, incoming)
+    o = _einsum("bhnck,bhnkv->bhncv", terms.q_decayed, incoming)
+    o = o + _einsum("bhnrs,bhnsv->bhnrv", terms.qk_decayed, new_values)
+    value_dim = v.shape[-1]
+    o = jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2)
     return o[:, :seq_len].astype(v.dtype), final_state
+
+
+def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x * rsqrt(sum(x^2) + eps) over the last axis, in float32 (eps inside the root, as FLA and HF)."""
+    x = x.astype(jnp.float32)
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def gated_delta_rule(
@@ -209,12 +258,26 @@ def gated_delta_rule(
     method="chunked",
     chunk_size=64,
     scan="sequential",
+    normalize_qk=False,
+    scale=None,
 ):
-    """Dispatch to the chunked or recurrent form; same shapes as both -> o [B,T,H,dv], state [B,H,dk,dv]."""
-    if method == "chunked":
-        return chunked_gated_delta_rule(
-            q, k, v, g, beta, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size, scan=scan
-        )
+    """Dispatch to the chunked, recurrent or Pallas form -> o [B,T,H,dv] (v's dtype), state [B,H,dk,dv].
+
+    normalize_qk: l2-normalise q and k first (in float32; XLA fuses it into the chunk terms) and scale q
+    by `scale` (default dk^-0.5), so that callers can hand over the raw bf16 projections.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if normalize_qk:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        q, k = l2_normalise(q) * scale, l2_normalise(k)
+        if method == "pallas" and v.dtype == jnp.bfloat16:  # the kernel's bf16 operands
+            q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    kwargs = dict(initial_state=initial_state, segment_ids=segment_ids)
     if method == "recurrent":
-        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, segment_ids=segment_ids)
-    raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    if method == "pallas":
+        from qwen_jax.ops.pallas.gated_delta_rule import pallas_gated_delta_rule  # the kernel imports this module
+
+        return pallas_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+    return chunked_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, **kwargs)

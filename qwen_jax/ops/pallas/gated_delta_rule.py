@@ -1,0 +1,59 @@
+"""The chunked gated delta rule with its chunk-to-chunk recurrence in a Pallas kernel (GPU; interpreted elsewhere).
+
+XLA computes the chunk-local terms chunk-parallel (batched matmuls it fuses well); the kernel does the
+sequential part that XLA runs as a loop of small launches. Same interface and results as
+ops.delta_rule.chunked_gated_delta_rule, which stays the oracle.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.ops.delta_rule import check_inputs, chunk_terms, start_state
+from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: int) -> None:
+    """Raise ValueError unless Triton can tile these: powers of two >= 16, dv a multiple of block_v."""
+    for name, size in (("key head dim", key_dim), ("chunk_size", chunk_size), ("block_v", block_v)):
+        if not _is_power_of_two(size):
+            raise ValueError(f"the Pallas gated delta rule needs {name} to be a power of two >= 16; got {size}")
+    if value_dim % block_v:
+        raise ValueError(f"the Pallas gated delta rule needs the value head dim ({value_dim}) to be a "
+                         f"multiple of block_v ({block_v})")
+
+
+def pallas_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64,
+                            block_v=None, interpret=None):
+    """q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv] (v's dtype), state [B,H,dk,dv] f32.
+
+    Matmul operands are bf16 when q, k and v all are, else float32. interpret None: compiled on GPU only.
+    """
+    check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    block_v = min(BLOCK_V, value_dim) if block_v is None else block_v
+    check_kernel_shapes(key_dim, value_dim, chunk_size, block_v)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    operand = jnp.bfloat16 if all_bf16 else jnp.float32
+
+    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+    rows = batch * heads
+
+    def flat(x):
+        """[B, H, N, C, X] -> [B*H, N*C, X] in the operand dtype (a free reshape)."""
+        return x.reshape(rows, -1, x.shape[-1]).astype(operand)
+
+    state = start_state(initial_state, q, v).reshape(rows, key_dim, value_dim)
+    o, final = chunk_recurrence(
+        flat(terms.q_decayed), flat(terms.qk_decayed), flat(terms.w), flat(terms.u), flat(terms.k_to_end),
+        terms.state_decay.reshape(rows, -1), state, chunk_size, block_v, interpret)
+    o = jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2)[:, :seq_len]
+    return o.astype(v.dtype), final.reshape(batch, heads, key_dim, value_dim)

@@ -1,0 +1,113 @@
+"""The Pallas gated delta rule (interpret mode on CPU) == the pure-JAX chunked op: values and gradients.
+
+Production tiling: dk = dv = 128, chunks of 64, value blocks of 64 (two per head), several chunks per row,
+packed segments (one cut on a chunk edge, a reused id, padding) and an initial state.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwen_jax import ModelConfig, Qwen35ForCausalLM, preset
+from qwen_jax.config import ConfigError
+from qwen_jax.model.gated_deltanet import gdn_method
+from qwen_jax.ops.delta_rule import gated_delta_rule
+from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes
+
+B, T, H, D = 2, 200, 2, 128  # T = 200: three full chunks of 64 and a partial one
+
+
+def make_inputs(seed, dtype=jnp.float32):
+    """Raw (not normalised) q, k, v [B,T,H,D] in dtype; float32 g, beta [B,T,H] and state [B,H,D,D]."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(x, dtype) for x in rng.standard_normal((3, B, T, H, D)))
+    g = jnp.asarray(-np.logaddexp(0.0, rng.standard_normal((B, T, H))), jnp.float32)
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((B, T, H)))), jnp.float32)
+    state = jnp.asarray(0.1 * rng.standard_normal((B, H, D, D)), jnp.float32)
+    return q, k, v, g, beta, state
+
+
+def segment_ids():
+    """Row 0: documents of 64 (cut on a chunk edge), 70, 50, then 16 padding; row 1: ids 1, 2, 1 (reused)."""
+    rows = [np.repeat([1, 2, 3, 0], [64, 70, 50, 16]), np.repeat([1, 2, 1], [90, 30, 80])]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def weighted_loss(method, q, k, v, g, beta, state, ids, weights):
+    """A scalar that depends on every output and on the final state, so every gradient path is checked."""
+    o, final = gated_delta_rule(q, k, v, g, beta, initial_state=state, segment_ids=ids, method=method,
+                                normalize_qk=True)
+    return jnp.sum(o.astype(jnp.float32) * weights) + jnp.sum(final * final)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_grads(method, *args):
+    return jax.value_and_grad(functools.partial(weighted_loss, method), argnums=range(6))(*args)
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def test_pallas_matches_chunked_in_float32():
+    *inputs, state = make_inputs(0)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, H, D)), jnp.float32)
+    args = (*inputs, state, segment_ids(), weights)
+    expected_loss, expected_grads = loss_and_grads("chunked", *args)
+    loss, grads = loss_and_grads("pallas", *args)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    for name, grad, expected in zip(("q", "k", "v", "g", "beta", "state"), grads, expected_grads):
+        assert relative_error(grad, expected) < 1e-5, name
+
+
+def test_pallas_bf16_operands_stay_within_bf16_error():
+    """bf16 q/k/v and bf16 matmul operands against the float32 op on the same (rounded) inputs."""
+    q, k, v, g, beta, state = make_inputs(2, jnp.bfloat16)
+    o, final = jax.jit(functools.partial(gated_delta_rule, method="pallas", normalize_qk=True))(
+        q, k, v, g, beta, initial_state=state, segment_ids=segment_ids())
+    assert o.dtype == jnp.bfloat16
+    expected_o, expected_final = gated_delta_rule(
+        *(x.astype(jnp.float32) for x in (q, k, v)), g, beta, initial_state=state, segment_ids=segment_ids(),
+        normalize_qk=True)
+    assert relative_error(o, expected_o) < 1e-2
+    assert relative_error(final, expected_final) < 1e-2
+
+
+def test_kernel_shape_limits_are_named():
+    with pytest.raises(ValueError, match="key head dim"):
+        check_kernel_shapes(96, 128, 64, 64)
+    with pytest.raises(ValueError, match="multiple of block_v"):
+        check_kernel_shapes(128, 96, 64, 64)
+
+
+def test_gdn_impl_resolution():
+    assert gdn_method(preset("tiny")) == "chunked"  # auto off the GPU
+    assert gdn_method(preset("tiny", gdn_impl="pallas")) == "pallas"
+    assert gdn_method(preset("tiny", gdn_impl="jax")) == "chunked"
+    with pytest.raises(ConfigError, match="model.gdn_impl"):
+        gdn_method(preset("tiny", gdn_impl="pallas", linear_key_head_dim=24))
+    with pytest.raises(ConfigError, match="model.gdn_impl"):
+        ModelConfig(gdn_impl="triton")
+
+
+def test_model_with_pallas_gdn_matches_pure_jax():
+    """The tiny model's logits and gradients with gdn_impl pallas (interpreted) == with the pure-JAX op."""
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 200, (2, 80)), jnp.int32)
+    segments = jnp.asarray(np.repeat([[1, 2]], [50, 30], axis=1).repeat(2, 0), jnp.int32)
+    results = []
+    for impl in ("jax", "pallas"):
+        model = Qwen35ForCausalLM(preset("tiny", gdn_impl=impl), rngs=nnx.Rngs(0))
+
+        def loss(model):
+            return jnp.mean(model(ids, segment_ids=segments).logits ** 2)
+
+        results.append(nnx.value_and_grad(loss)(model))
+    (expected_loss, expected_grads), (loss, grads) = results
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    for expected, actual in zip(jax.tree.leaves(nnx.state(expected_grads)), jax.tree.leaves(nnx.state(grads))):
+        np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-6)
