@@ -1,5 +1,21 @@
-"""Training data: a corpus that ships with Python, a BPE tokenizer, packing, and Grain pipelines."""
+"""Training data: a corpus that ships with Python, a BPE tokenizer, packing, and Grain pipelines;
+image preprocessing and image-text sources for the vision side."""
 
+from qwen_jax.data.images import (
+    ImageError,
+    ImageProcessorConfig,
+    ProcessedImage,
+    image_placeholder_length,
+    patchify_frames,
+    preprocess_image,
+    smart_resize,
+)
+from qwen_jax.data.mm_sources import (
+    SKIP_REASONS,
+    ImageTextRecord,
+    digits_image_text_records,
+    load_image_text_jsonl,
+)
 from qwen_jax.data.packing import ROW_KEYS, pack_documents, unigram_entropy
 from qwen_jax.data.pipeline import (
     PackedCorpus,
@@ -12,7 +28,10 @@ from qwen_jax.data.sources import python_docs_corpus, split_documents
 from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id, train_bpe_tokenizer
 
 __all__ = [
-    "ROW_KEYS", "PackedCorpus", "eos_id", "load_or_train_tokenizer", "make_eval_batches",
-    "make_train_iterator", "pack_corpus", "pack_documents", "pad_id", "python_docs_corpus",
+    "ROW_KEYS", "SKIP_REASONS", "ImageError", "ImageProcessorConfig", "ImageTextRecord",
+    "PackedCorpus", "ProcessedImage", "digits_image_text_records", "eos_id",
+    "image_placeholder_length", "load_image_text_jsonl", "load_or_train_tokenizer",
+    "make_eval_batches", "make_train_iterator", "pack_corpus", "pack_documents", "pad_id",
+    "patchify_frames", "preprocess_image", "python_docs_corpus", "smart_resize",
     "split_documents", "tokenize_documents", "train_bpe_tokenizer", "unigram_entropy",
 ]

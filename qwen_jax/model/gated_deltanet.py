@@ -1,17 +1,21 @@
 """Gated DeltaNet linear-attention layer (the `linear_attn` of three layers in four)."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import GatedRMSNorm
-from qwen_jax.ops.delta_rule import gated_delta_rule
+from qwen_jax.ops.delta_rule import gated_delta_rule, l2_normalise, rule_from_terms
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V
-from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes
+from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, pallas_rule_from_terms
+from qwen_jax.parallel.context import AXIS, context_shards, delta_rule_across_shards, previous_shard_tail
+from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for
 
 
 def causal_depthwise_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -82,42 +86,82 @@ class GatedDeltaNet(nnx.Module):
         the sequence; segment id 0 then marks right padding, which leaves the cache unchanged.
         """
         batch, length, _ = x.shape
-        key_dim = self.num_k_heads * self.k_head_dim
         pre_conv = self.in_proj_qkv(x)
-        keep = None  # cached calls: False on padding, which must leave conv window and state as they are
-        if cache is None:
-            conv = causal_depthwise_conv(pre_conv, self.conv_weight[...], segment_ids)
-        else:
-            taps = self.conv_weight.shape[0]
-            keep = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids > 0
-            pre_conv = jnp.where(keep[..., None], pre_conv, 0)
-            window = jnp.concatenate([cache["conv"].astype(pre_conv.dtype), pre_conv], axis=1)
-            conv = causal_depthwise_conv(window, self.conv_weight[...], None)[:, taps - 1 :]
-            # Real tokens come first in the chunk: the new window ends at the last real one.
-            last = jnp.sum(keep, axis=1)[:, None] + jnp.arange(taps - 1)
-            cache = {"conv": jnp.take_along_axis(window, last[..., None], axis=1).astype(cache["conv"].dtype),
-                     "state": cache["state"]}
-            segment_ids = None
-        mixed = jax.nn.silu(conv)
-        q = mixed[..., :key_dim].reshape(batch, length, self.num_k_heads, self.k_head_dim)
-        k = mixed[..., key_dim : 2 * key_dim].reshape(batch, length, self.num_k_heads, self.k_head_dim)
-        v = mixed[..., 2 * key_dim :].reshape(batch, length, self.num_v_heads, self.v_head_dim)
         z = self.in_proj_z(x).reshape(batch, length, self.num_v_heads, self.v_head_dim)
         # beta in the activation dtype (as HF), the log-decay g entirely in float32.
         beta = jax.nn.sigmoid(self.in_proj_b(x)).astype(jnp.float32)
         a = self.in_proj_a(x).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a + self.dt_bias[...].astype(jnp.float32))
-        if keep is not None:  # no decay and no write: the state passes padding unchanged
-            g, beta = jnp.where(keep[..., None], g, 0.0), jnp.where(keep[..., None], beta, 0.0)
-        # Grouped value heads: value head j reads key head j // r (repeat-interleave, not tile).
-        group = self.num_v_heads // self.num_k_heads
-        q, k = jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2)
-        out, final_state = gated_delta_rule(
-            q, k, v, g, beta, segment_ids=segment_ids, initial_state=None if cache is None else cache["state"],
-            method="recurrent" if length == 1 else self.method, chunk_size=self.chunk_size, scan=self.scan,
-            normalize_qk=True, scale=self.k_head_dim**-0.5)
+        mesh = active_mesh()
         if cache is not None:
-            cache["state"] = final_state
+            out, cache = self._continue(pre_conv, g, beta, segment_ids, cache)
+        elif context_shards(mesh) > 1:
+            out = self._across_context(pre_conv, g, beta, segment_ids, mesh)
+        else:
+            conv = causal_depthwise_conv(pre_conv, self.conv_weight[...], segment_ids)
+            out, _ = gated_delta_rule(*self._heads(conv), g, beta, segment_ids=segment_ids, method=self.method,
+                                      **self._rule_options())
         out = self.norm(out.astype(x.dtype), z)
         return self.out_proj(out.reshape(batch, length, self.num_v_heads * self.v_head_dim)), cache
+
+    def _heads(self, conv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Conv output [B, T, C] -> SiLU'd q, k [B, T, Hv, dk] (key heads repeated per value head), v [B, T, Hv, dv]."""
+        batch, length, _ = conv.shape
+        key_dim = self.num_k_heads * self.k_head_dim
+        mixed = jax.nn.silu(conv)
+        q = mixed[..., :key_dim].reshape(batch, length, self.num_k_heads, self.k_head_dim)
+        k = mixed[..., key_dim : 2 * key_dim].reshape(batch, length, self.num_k_heads, self.k_head_dim)
+        v = mixed[..., 2 * key_dim :].reshape(batch, length, self.num_v_heads, self.v_head_dim)
+        # Grouped value heads: value head j reads key head j // r (repeat-interleave, not tile).
+        group = self.num_v_heads // self.num_k_heads
+        return jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2), v
+
+    def _rule_options(self) -> dict:
+        return dict(chunk_size=self.chunk_size, scan=self.scan, normalize_qk=True, scale=self.k_head_dim**-0.5)
+
+    def _continue(self, pre_conv, g, beta, segment_ids, cache):
+        """A cached call: the conv window and the state carry on; segment id 0 (right padding) leaves both."""
+        batch, length, _ = pre_conv.shape
+        taps = self.conv_weight.shape[0]
+        keep = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids > 0
+        pre_conv = jnp.where(keep[..., None], pre_conv, 0)
+        window = jnp.concatenate([cache["conv"].astype(pre_conv.dtype), pre_conv], axis=1)
+        conv = causal_depthwise_conv(window, self.conv_weight[...], None)[:, taps - 1 :]
+        # Real tokens come first in the chunk: the new window ends at the last real one.
+        last = jnp.sum(keep, axis=1)[:, None] + jnp.arange(taps - 1)
+        conv_cache = jnp.take_along_axis(window, last[..., None], axis=1).astype(cache["conv"].dtype)
+        # No decay and no write: the state passes padding unchanged.
+        g, beta = jnp.where(keep[..., None], g, 0.0), jnp.where(keep[..., None], beta, 0.0)
+        out, state = gated_delta_rule(*self._heads(conv), g, beta, initial_state=cache["state"],
+                                      method="recurrent" if length == 1 else self.method, **self._rule_options())
+        return out, {"conv": conv_cache, "state": state}
+
+    def _across_context(self, pre_conv, g, beta, segment_ids, mesh):
+        """Training over a sequence split on the mesh's context axis -> out [B, T, Hv, dv], sharded alike."""
+        shards = context_shards(mesh)
+        batch, length, _ = pre_conv.shape
+        taps = self.conv_weight.shape[0]
+        if length % shards or length // shards < taps - 1:
+            raise ValueError(f"sequence length {length} must split into mesh.context = {shards} equal shards of at "
+                             f"least {taps - 1} tokens (the conv window)")
+        ids = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+        batch_axes = spec_for(("batch",), (batch,), mesh, active_rules())[0]
+        rows, per_token = PartitionSpec(batch_axes, AXIS), PartitionSpec(batch_axes, AXIS, None)
+        from_terms = rule_from_terms
+        if self.method == "pallas":
+            from_terms = functools.partial(pallas_rule_from_terms, operand=pre_conv.dtype,
+                                           block_v=min(BLOCK_V, self.v_head_dim), interpret=None)
+
+        def local(pre_conv, weight, g, beta, ids):
+            window = jnp.concatenate([previous_shard_tail(pre_conv, taps - 1, fill=0), pre_conv], axis=1)
+            window_ids = jnp.concatenate([previous_shard_tail(ids, taps - 1, fill=-1), ids], axis=1)
+            q, k, v = self._heads(causal_depthwise_conv(window, weight, window_ids)[:, taps - 1 :])
+            scale = self.k_head_dim**-0.5
+            out, _ = delta_rule_across_shards(l2_normalise(q) * scale, l2_normalise(k), v, g, beta, ids,
+                                              chunk_size=self.chunk_size, from_terms=from_terms)
+            return out
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(per_token, PartitionSpec(), per_token, per_token, rows),
+                             out_specs=PartitionSpec(batch_axes, AXIS, None, None))(
+            pre_conv, self.conv_weight[...], g, beta, ids)

@@ -188,20 +188,42 @@ def _incoming_states_sequential(state0, u, w, k_to_end, state_decay):
     return incoming, final_state
 
 
+def compose_affine(earlier, later):
+    """Two affine state maps S -> M S + B as (M [..., dk, dk], B [..., dk, dv]), earlier first -> one map."""
+    (m1, b1), (m2, b2) = earlier, later
+    return _einsum("...ij,...jk->...ik", m2, m1), _einsum("...ij,...jv->...iv", m2, b1) + b2
+
+
+def chunk_maps(u, w, k_to_end, state_decay):
+    """Each chunk's affine state map S -> M S + B, for any leading axes: u [..., C, dv], w, k_to_end
+    [..., C, dk], state_decay [...] -> (M [..., dk, dk], B [..., dk, dv])."""
+    carried_part = state_decay[..., None, None] * jnp.eye(w.shape[-1], dtype=w.dtype)
+    return carried_part - _einsum("...ck,...cj->...kj", k_to_end, w), _einsum("...ck,...cv->...kv", k_to_end, u)
+
+
 def _incoming_states_associative(state0, u, w, k_to_end, state_decay):
     """lax.associative_scan over the chunks' (axis 0) affine maps S -> M S + B; -> ([N,B,H,dk,dv] incoming, final)."""
-    key_dim = w.shape[-1]
-    carried_part = state_decay[..., None, None] * jnp.eye(key_dim, dtype=w.dtype)
-    transition = carried_part - _einsum("nbhck,nbhcj->nbhkj", k_to_end, w)
-    offset = _einsum("nbhck,nbhcv->nbhkv", k_to_end, u)
-
-    def compose(earlier, later):
-        (m1, b1), (m2, b2) = earlier, later
-        return _einsum("...ij,...jk->...ik", m2, m1), _einsum("...ij,...jv->...iv", m2, b1) + b2
-
-    transition, offset = lax.associative_scan(compose, (transition, offset))
+    transition, offset = lax.associative_scan(compose_affine, chunk_maps(u, w, k_to_end, state_decay))
     after = _einsum("nbhkj,bhjv->nbhkv", transition, state0) + offset  # state after each chunk
     return jnp.concatenate([state0[None], after[:-1]]), after[-1]
+
+
+def terms_map(terms: ChunkTerms):
+    """All chunks' maps composed in order: the affine map of the whole row, ([B,H,dk,dk], [B,H,dk,dv]).
+
+    Each chunk's map is built inside the scan step: all of them at once would be [B,H,N,dk,dk].
+    """
+    key_dim, value_dim = terms.w.shape[-1], terms.u.shape[-1]
+    # Zeros derived from the terms, so that inside shard_map the carry varies over the same axes they do.
+    zero = jnp.zeros_like(terms.state_decay[:, :, 0])[..., None, None]  # [B, H, 1, 1]
+    identity = (zero + jnp.eye(key_dim, dtype=terms.w.dtype), zero + jnp.zeros((key_dim, value_dim), terms.u.dtype))
+
+    def step(total, chunk):
+        return compose_affine(total, chunk_maps(*chunk)), None
+
+    chunks = tuple(jnp.moveaxis(x, 2, 0) for x in (terms.u, terms.w, terms.k_to_end, terms.state_decay))
+    total, _ = lax.scan(step, identity, chunks)
+    return total
 
 
 def _check_chunking(scan, chunk_size):
@@ -212,14 +234,8 @@ def _check_chunking(scan, chunk_size):
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
 
-def chunked_gated_delta_rule(
-    q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64, scan="sequential"
-):
-    """Chunked WY form: q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv], state [B,H,dk,dv]."""
-    check_inputs(q, k, v, g, beta, initial_state, segment_ids)
-    _check_chunking(scan, chunk_size)
-    batch, seq_len, heads, _ = q.shape
-    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+def rule_from_terms(terms: ChunkTerms, state0, scan="sequential"):
+    """ChunkTerms and the incoming state [B,H,dk,dv] -> o float32 [B, N*C, H, dv], final state [B,H,dk,dv]."""
 
     def chunk_major(x):
         """[B, H, N, ...] -> [N, B, H, ...]: the scans run over the leading axis."""
@@ -227,17 +243,26 @@ def chunked_gated_delta_rule(
 
     incoming_states = _incoming_states_sequential if scan == "sequential" else _incoming_states_associative
     incoming, final_state = incoming_states(
-        start_state(initial_state, q, v),
-        *map(chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
+        state0, *map(chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
     incoming = jnp.moveaxis(incoming, 0, 2)  # [B, H, N, dk, dv]
 
     # All chunks at once, given their incoming states.
     new_values = terms.u - _einsum("bhnck,bhnkv->bhncv", terms.w, incoming)
     o = _einsum("bhnck,bhnkv->bhncv", terms.q_decayed, incoming)
     o = o + _einsum("bhnrs,bhnsv->bhnrv", terms.qk_decayed, new_values)
-    value_dim = v.shape[-1]
-    o = jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2)
-    return o[:, :seq_len].astype(v.dtype), final_state
+    batch, heads, _, _, value_dim = o.shape
+    return jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2), final_state
+
+
+def chunked_gated_delta_rule(
+    q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64, scan="sequential"
+):
+    """Chunked WY form: q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv], state [B,H,dk,dv]."""
+    check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    _check_chunking(scan, chunk_size)
+    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+    o, final_state = rule_from_terms(terms, start_state(initial_state, q, v), scan)
+    return o[:, :q.shape[1]].astype(v.dtype), final_state
 
 
 def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -40,7 +40,8 @@ def hashable_rules(rules) -> tuple:
 
 def param_logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     """Logical axes of the parameter at `path` (e.g. ('groups','layers','0','mlp','up_proj','kernel'))."""
-    stacked = path[0] == "groups"
+    # Scanned stacks carry a leading layer axis: the decoder's groups and the vision blocks.
+    stacked = path[0] == "groups" or tuple(path[:2]) == ("visual", "blocks")
     leaf, owner = path[-1], path[-2] if len(path) > 1 else ""
     if leaf == "embedding":
         axes = ("vocab", "embed")
@@ -115,6 +116,12 @@ def active_mesh() -> Mesh | None:
     """The mesh of the enclosing activation_sharding block, or None outside one."""
     active = getattr(_ACTIVE, "value", None)
     return None if active is None else active[0]
+
+
+def active_rules():
+    """The rules of the enclosing activation_sharding block, or None outside one."""
+    active = getattr(_ACTIVE, "value", None)
+    return None if active is None else active[1]
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

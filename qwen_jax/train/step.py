@@ -45,7 +45,7 @@ class Trainer:
         return jax.jit(build, out_shardings=self.state_shardings)(params)
 
     def global_batch(self, local_batch: dict) -> dict:
-        """This host's rows [b, T] -> global arrays [B, T] sharded over data x fsdp."""
+        """This host's rows [b, T] -> global arrays [B, T] sharded over the batch axes (and T over context)."""
         return {key: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[key])
                 for key in BATCH_KEYS}
 
@@ -145,8 +145,9 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     graphdef, params = abstract_params(model_config)
     optimizer = make_optimizer(train_config)
     shardings = state_shardings_for(params, optimizer, mesh, rules)
+    # Rows over the batch axes, and each row's tokens over `context` (contiguous shards).
     batch_sharding = NamedSharding(
-        mesh, spec_for(("batch", None), (train_config.batch_size, train_config.seq_len), mesh, rules))
+        mesh, spec_for(("batch", "length"), (train_config.batch_size, train_config.seq_len), mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(state, batch):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.ops.delta_rule import check_inputs, chunk_terms, start_state
+from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, chunk_terms, start_state
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
 
 
@@ -45,15 +45,24 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids
     operand = jnp.bfloat16 if all_bf16 else jnp.float32
 
     terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+    o, final = pallas_rule_from_terms(terms, start_state(initial_state, q, v), operand=operand, block_v=block_v,
+                                      interpret=interpret)
+    return o[:, :seq_len].astype(v.dtype), final
+
+
+def pallas_rule_from_terms(terms: ChunkTerms, state0, *, operand, block_v, interpret):
+    """ops.delta_rule.rule_from_terms through the kernel: -> o [B, N*C, H, dv] (operand dtype), final state."""
+    batch, heads, _, chunk_size, key_dim = terms.w.shape
+    value_dim = terms.u.shape[-1]
     rows = batch * heads
 
     def flat(x):
         """[B, H, N, C, X] -> [B*H, N*C, X] in the operand dtype (a free reshape)."""
         return x.reshape(rows, -1, x.shape[-1]).astype(operand)
 
-    state = start_state(initial_state, q, v).reshape(rows, key_dim, value_dim)
     o, final = chunk_recurrence(
         flat(terms.q_decayed), flat(terms.qk_decayed), flat(terms.w), flat(terms.u), flat(terms.k_to_end),
-        terms.state_decay.reshape(rows, -1), state, chunk_size, block_v, interpret)
-    o = jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2)[:, :seq_len]
-    return o.astype(v.dtype), final.reshape(batch, heads, key_dim, value_dim)
+        terms.state_decay.reshape(rows, -1), state0.reshape(rows, key_dim, value_dim), chunk_size, block_v,
+        interpret)
+    o = jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2)
+    return o, final.reshape(batch, heads, key_dim, value_dim)

@@ -1,0 +1,184 @@
+"""Image-text documents: a JSONL reader that skips and counts bad records; offline digits.
+
+A document (`ImageTextRecord`) is text segments and preprocessed images in reading order. The
+packing step tokenises the text and puts `<vision_start> <image_pad> x n <vision_end>` where each
+image stands, n = `image_placeholder_length(image.grid_thw, config.merge_size)`.
+
+JSONL schema, one document per line; image paths are relative to the JSONL file's folder (or
+absolute). Two forms:
+
+    {"text": "A cat on a mat.", "images": ["cat.png"]}   images first, then the text (a caption)
+    {"parts": [{"text": "See:"}, {"image": "a.png"}, {"text": "and"}, {"image": "b.png"}]}
+
+A bad record is skipped whole (its text may refer to the missing image) and counted under one
+reason of `SKIP_REASONS`, the first found; with strict=True the first one raises instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from qwen_jax.data.images import ImageError, ImageProcessorConfig, ProcessedImage, preprocess_image
+
+SKIP_REASONS = {
+    "bad_json": "the line is not a UTF-8 JSON object",
+    "missing_field": "no 'parts' and no 'text', or a part with neither 'text' nor 'image'",
+    "bad_field": "a field of the wrong type, or a part with both 'text' and 'image'",
+    "empty_document": "no text but whitespace: nothing to learn from",
+    "missing_image": "an image file does not exist",
+    "corrupt_image": "an image file does not decode",
+    "image_too_large": "an image over PIL's decompression-bomb limit",
+    "image_too_small": "an image side shorter than min_image_side",
+    "extreme_aspect_ratio": "an image longer than 200:1",
+    "unsupported_mode": "an image mode PIL cannot convert to RGB",
+}
+# Smaller images are icons and spacer pixels: upscaled to the pixel budget they teach nothing.
+MIN_IMAGE_SIDE = 16
+DIGIT_UPSCALE = 8  # 8x8 -> 64x64 pixels: with a 64*64 budget, 4x4 patches = 4 image tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTextRecord:
+    """One document: text segments (str) and images in reading order; `source` says where from."""
+
+    parts: tuple[str | ProcessedImage, ...]
+    source: str  # "file.jsonl:12" or "sklearn digits[3]", for messages
+
+    @property
+    def images(self) -> list[ProcessedImage]:
+        """The images in order: their pixel_values concatenate to the model's pixel_values."""
+        return [part for part in self.parts if isinstance(part, ProcessedImage)]
+
+
+class _Skip(Exception):
+    """Why a record is unusable: a `SKIP_REASONS` key and a detail that names the culprit."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _text_or_image(part) -> tuple[str, str]:
+    """("text", str) or ("image", path) of one {"text": ...} / {"image": ...} part."""
+    if not isinstance(part, dict):
+        raise _Skip("bad_field", f"a part is {type(part).__name__}, not an object")
+    kinds = part.keys() & {"text", "image"}
+    if not kinds:
+        raise _Skip("missing_field", f"a part has neither 'text' nor 'image': {sorted(part)}")
+    if len(kinds) == 2:
+        raise _Skip("bad_field", "a part has both 'text' and 'image'")
+    kind = kinds.pop()
+    if not isinstance(part[kind], str):
+        raise _Skip("bad_field", f"'{kind}' is {type(part[kind]).__name__}, not a string")
+    return kind, part[kind]
+
+
+def _parts_of(document) -> list[tuple[str, str]]:
+    """The ("text", str) / ("image", path) parts of a decoded JSON line, in reading order."""
+    if not isinstance(document, dict):
+        raise _Skip("bad_json", f"the line is a JSON {type(document).__name__}, not an object")
+    if "parts" in document:
+        if not isinstance(document["parts"], list):
+            raise _Skip("bad_field", "'parts' is not a list")
+        return [_text_or_image(part) for part in document["parts"]]
+    if "text" not in document:
+        raise _Skip("missing_field", f"neither 'parts' nor 'text' among {sorted(document)}")
+    images = document.get("images", [])
+    if not isinstance(images, list):
+        raise _Skip("bad_field", "'images' is not a list")
+    return [_text_or_image({"image": path}) for path in images] + [
+        _text_or_image({"text": document["text"]})]
+
+
+def _load_image(path: Path, config: ImageProcessorConfig, min_image_side: int) -> ProcessedImage:
+    """Decode and preprocess one image file, or raise _Skip with the reason."""
+    if not path.is_file():
+        raise _Skip("missing_image", f"{path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file only fails here
+    except Image.DecompressionBombError as error:
+        raise _Skip("image_too_large", f"{path}: {error}") from None
+    except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, ...: any file may
+        raise _Skip("corrupt_image", f"{path}: {type(error).__name__}: {error}") from None
+    if min(image.size) < min_image_side:
+        raise _Skip("image_too_small", f"{path} is {image.width}x{image.height} pixels, a side is "
+                    f"below min_image_side={min_image_side}")
+    try:
+        return preprocess_image(image, config, name=str(path))
+    except ImageError as error:
+        raise _Skip(error.reason, str(error)) from None
+
+
+def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig, min_image_side: int,
+                  where: str) -> ImageTextRecord:
+    """One JSONL line -> a record with its images preprocessed, or raise _Skip."""
+    try:
+        document = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _Skip("bad_json", str(error)) from None
+    parts = _parts_of(document)
+    # Checked before any image is read: an empty document is skipped without decoding its images.
+    if not any(kind == "text" and value.strip() for kind, value in parts):
+        raise _Skip("empty_document", "no text but whitespace")
+    return ImageTextRecord(
+        parts=tuple(value if kind == "text" else _load_image(folder / value, config, min_image_side)
+                    for kind, value in parts),
+        source=where)
+
+
+def load_image_text_jsonl(path: str | Path, config: ImageProcessorConfig, *, strict: bool = False,
+                          min_image_side: int = MIN_IMAGE_SIDE
+                          ) -> tuple[list[ImageTextRecord], dict[str, int]]:
+    """The usable documents of a JSONL file in file order, and counts of the skipped ones by reason.
+
+    Every image is preprocessed and held in memory (24 bytes per resized pixel): right for
+    demos and small fine-tuning sets. strict=True raises ValueError("<file>:<line>: <reason>: ...")
+    on the first bad record instead of skipping it.
+    """
+    path = Path(path)
+    records, skipped = [], collections.Counter()
+    with open(path, "rb") as lines:  # bytes: one line that is not UTF-8 must not stop the file
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue  # blank lines hold no record; a trailing one is common
+            where = f"{path}:{line_number}"
+            try:
+                records.append(_parse_record(line, path.parent, config, min_image_side, where))
+            except _Skip as skip:
+                if strict:
+                    raise ValueError(f"{where}: {skip.reason}: {skip.detail}") from None
+                skipped[skip.reason] += 1
+    return records, dict(sorted(skipped.items()))
+
+
+def _digit_image(ink: np.ndarray, upscale: int) -> np.ndarray:
+    """ink [8, 8] in 0..16 -> grey uint8 [8 * upscale, 8 * upscale], each cell a flat square."""
+    grey = np.rint(ink * (255 / 16)).astype(np.uint8)
+    # Nearest-neighbour keeps the strokes as written; a resize to the budget may smooth them.
+    return grey.repeat(upscale, axis=0).repeat(upscale, axis=1)
+
+
+def digits_image_text_records(config: ImageProcessorConfig, *, upscale: int = DIGIT_UPSCALE,
+                              limit: int | None = None) -> list[ImageTextRecord]:
+    """scikit-learn's 1,797 handwritten digits, each as (image, "A handwritten digit 7.").
+
+    Real handwriting (the test set of UCI's optical digits, 13 writers) shipped inside
+    scikit-learn as 8x8 cells counting ink (0..16), so demos and tests need no download. Images
+    are white ink on black, upscaled by `upscale` before preprocessing; `limit` keeps the first.
+    """
+    from sklearn.datasets import load_digits  # here, not at the top: sklearn is slow to import
+
+    digits = load_digits()
+    return [ImageTextRecord(parts=(preprocess_image(_digit_image(ink, upscale), config,
+                                                    name=f"digits[{index}]"),
+                                   f"A handwritten digit {label}."),
+                            source=f"sklearn digits[{index}]")
+            for index, (ink, label) in enumerate(zip(digits.images[:limit], digits.target[:limit]))]
