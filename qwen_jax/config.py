@@ -7,6 +7,7 @@ Every check that can fail names the field, so a bad value is caught before anyth
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 LINEAR_ATTENTION = "linear_attention"
@@ -21,6 +22,8 @@ MOE_DISPATCHES = ("ragged", "padded")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # "auto": the Pallas kernel on GPU, the pure-JAX chunked op elsewhere (TPU, CPU).
 GDN_IMPLS = ("auto", "jax", "pallas")
+# HF's names: tanh-approximated GELU (every published tower) and exact GELU.
+VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 
 
 class ConfigError(ValueError):
@@ -35,9 +38,73 @@ def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> tu
     )
 
 
+def _check_positive(section: str, config, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{section}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The Qwen3.5 vision tower (HF `Qwen3_5VisionConfig`). The defaults are HF's: the 9B-and-up
+    tower, except out_hidden_size, which no published size has (VISION_PRESETS set it)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584  # the text model's hidden size
+    num_position_embeddings: int = 2304  # a learned square grid (48 x 48)
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch row of pixel_values: channels x temporal_patch_size x patch_size^2."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def position_grid_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot work."""
+        _check_positive("model.vision", self, (
+            "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+            "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings"))
+        # The 2-D rotary gives each of the two axes a quarter of the head's channels.
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise ConfigError(
+                f"model.vision.hidden_size ({self.hidden_size}) / model.vision.num_heads "
+                f"({self.num_heads}) must be a whole head dim divisible by 4")
+        if self.position_grid_side**2 != self.num_position_embeddings:
+            raise ConfigError(
+                f"model.vision.num_position_embeddings ({self.num_position_embeddings}) must be a "
+                "square number (a side x side grid)")
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise ConfigError(
+                f"model.vision.hidden_act is {self.hidden_act!r}; choose one of {VISION_ACTIVATIONS}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"model.vision.rope_theta must be > 0, got {self.rope_theta}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The Qwen3.5 text model (dense or MoE; Qwen3-Next too): dimensions, layers, RoPE, runtime dtypes."""
+    """The Qwen3.5 model (dense or MoE; Qwen3-Next too): dimensions, layers, RoPE, runtime dtypes, and
+    the vision tower of the vision-language models."""
 
     vocab_size: int = 248320
     hidden_size: int = 1024
@@ -69,6 +136,12 @@ class ModelConfig:
     norm_topk_prob: bool = True  # Qwen3-Next's flag; Qwen3.5-MoE always renormalises
     router_aux_loss_coef: float = 0.001
     architecture: str = "qwen3_5"
+    # Vision-language models (HF keeps these on the composite config): None = text only.
+    vision: VisionConfig | None = None
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
     # Runtime choices (not part of an HF config).
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # master-weight dtype
@@ -90,6 +163,9 @@ class ModelConfig:
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.vision is not None and not isinstance(self.vision, VisionConfig):
+            # A dict from a saved config.json, or a ConfigDict from a config file.
+            object.__setattr__(self, "vision", VisionConfig(**dict(self.vision)))
         self.validate()
 
     @property
@@ -132,10 +208,7 @@ class ModelConfig:
             "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
             "linear_conv_kernel_dim", "gdn_chunk_size",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        _check_positive("model", self, positive)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -177,12 +250,25 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} is {getattr(self, name)!r}; choose one of {allowed}")
         if self.rms_norm_eps <= 0:
             raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if self.vision is not None:
+            self._validate_vision()
+
+    def _validate_vision(self) -> None:
+        if self.architecture != "qwen3_5":
+            raise ConfigError(f"model.vision needs model.architecture 'qwen3_5', got {self.architecture!r}")
+        if self.vision.out_hidden_size != self.hidden_size:
+            raise ConfigError(
+                f"model.vision.out_hidden_size ({self.vision.out_hidden_size}) must equal "
+                f"model.hidden_size ({self.hidden_size}): vision tokens replace token embeddings")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"model.{name} ({value!r}) must be a token id below model.vocab_size "
+                                  f"({self.vocab_size})")
 
     def _validate_moe(self) -> None:
-        for name in ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        _check_positive("model", self, (
+            "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"))
         if self.num_experts_per_tok > self.num_experts:
             raise ConfigError(
                 f"model.num_experts_per_tok ({self.num_experts_per_tok}) must be <= model.num_experts "
@@ -234,6 +320,25 @@ PRESETS: dict[str, ModelConfig] = {
     # The tiny model with 8 experts, top-2, and a shared expert.
     "tiny-moe": TINY.replace(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
                              shared_expert_intermediate_size=96),
+}
+
+
+def _vision(depth, hidden, mlp, heads, out) -> VisionConfig:
+    return VisionConfig(depth=depth, hidden_size=hidden, intermediate_size=mlp, num_heads=heads,
+                        out_hidden_size=out)
+
+
+# The tower each published checkpoint ships (spec section 6; model.visual.* in its safetensors).
+# The presets above stay text only: `preset(name, vision=VISION_PRESETS[name])` is the full model.
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "qwen3.5-0.8b": _vision(12, 768, 3072, 12, 1024),
+    "qwen3.5-2b": _vision(24, 1024, 4096, 16, 2048),
+    "qwen3.5-4b": _vision(24, 1024, 4096, 16, 2560),
+    "qwen3.5-9b": _vision(27, 1152, 4304, 16, 4096),
+    "qwen3.5-27b": _vision(27, 1152, 4304, 16, 5120),
+    "qwen3.5-35b-a3b": _vision(27, 1152, 4304, 16, 2048),
+    "qwen3.5-122b-a10b": _vision(27, 1152, 4304, 16, 3072),
+    "qwen3.5-397b-a17b": _vision(27, 1152, 4304, 16, 4096),
 }
 
 

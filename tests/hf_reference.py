@@ -1,16 +1,22 @@
-"""Builds random-weight transformers Qwen3.5 / Qwen3.5-MoE / Qwen3-Next models, the parity oracle,
-saved with save_pretrained."""
+"""Builds random-weight transformers Qwen3.5 / Qwen3.5-MoE / Qwen3-Next models (text only or with
+the vision tower), the parity oracle, saved with save_pretrained."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from transformers import (
-    Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig,
-    Qwen3NextConfig, Qwen3NextForCausalLM)
+    Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
+    Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeTextConfig,
+    Qwen3_5TextConfig, Qwen3NextConfig, Qwen3NextForCausalLM)
 
 HF_CLASSES = {Qwen3_5TextConfig: Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig: Qwen3_5MoeForCausalLM,
-              Qwen3NextConfig: Qwen3NextForCausalLM}
+              Qwen3NextConfig: Qwen3NextForCausalLM,
+              Qwen3_5Config: Qwen3_5ForConditionalGeneration,
+              Qwen3_5MoeConfig: Qwen3_5MoeForConditionalGeneration}
+# The tiny vision-language models' special tokens (inside the tiny vocabularies).
+VISION_TOKEN_IDS = dict(image_token_id=201, video_token_id=202, vision_start_token_id=203,
+                        vision_end_token_id=204)
 
 
 def _text_kwargs(*, layers=6, hidden=64, heads=4, kv_heads=2, head_dim=32, key_heads=2,
@@ -43,12 +49,27 @@ def hf_moe_config(*, next_arch=False, experts=8, top_k=2, expert_mlp=24, shared_
     return Qwen3_5MoeTextConfig(**moe, **_text_kwargs(**kwargs))
 
 
+def hf_vlm_config(*, moe=False, depth=2, vision_hidden=64, vision_heads=4, vision_mlp=128,
+                  position_side=16, **text_kwargs):
+    """A tiny Qwen3_5Config (or Qwen3_5MoeConfig): a text config as above plus a small vision tower
+    whose output width is the text hidden size."""
+    text = hf_moe_config(**text_kwargs) if moe else hf_text_config(**text_kwargs)
+    vision = dict(depth=depth, hidden_size=vision_hidden, num_heads=vision_heads,
+                  intermediate_size=vision_mlp, out_hidden_size=text.hidden_size,
+                  num_position_embeddings=position_side**2)
+    composite = Qwen3_5MoeConfig if moe else Qwen3_5Config
+    return composite(text_config=text.to_dict(), vision_config=vision, **VISION_TOKEN_IDS,
+                     tie_word_embeddings=text.tie_word_embeddings)
+
+
 def build_hf_model(config, seed=0):
     """A float32 HF model with EVERY parameter perturbed (HF's init leaves norms and dt_bias constant),
     on its pure PyTorch paths (eager attention, the eager experts loop)."""
     torch.manual_seed(seed)
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
+    for part in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if part is not None:
+            part._attn_implementation = "eager"
+            part._experts_implementation = "eager"
     model = HF_CLASSES[type(config)](config).float().eval()
     with torch.no_grad():
         for param in model.parameters():

@@ -16,6 +16,11 @@ from qwen_jax.experiment import load_config, model_config
     (dict(hidden_size=0), "hidden_size"),
     (dict(dtype="float16"), "dtype"),
     (dict(gdn_scan="parallel"), "gdn_scan"),
+    (dict(vision=dict(depth=0, out_hidden_size=128)), "vision.depth"),
+    (dict(vision=dict(num_position_embeddings=250, out_hidden_size=128)), "vision.num_position_embeddings"),
+    (dict(vision=dict(hidden_size=72, num_heads=4, out_hidden_size=128)), "vision.hidden_size"),
+    (dict(vision=dict(out_hidden_size=64)), "vision.out_hidden_size"),
+    (dict(vision=dict(out_hidden_size=128)), "image_token_id"),  # HF's id is beyond tiny's vocabulary
 ])
 def test_bad_model_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=f"model.{field}".replace("[", r"\[")):
@@ -50,3 +55,12 @@ def test_experiment_config_overrides():
 def test_bad_override_names_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         model_config(load_config("configs/pretrain_tiny.py", [override]))
+
+
+def test_vision_config_from_a_config_file_override():
+    config = load_config("configs/pretrain_tiny.py", [
+        "model.vision={'depth': 2, 'hidden_size': 64, 'intermediate_size': 128, 'num_heads': 4, "
+        "'out_hidden_size': 128}", "model.image_token_id=7", "model.video_token_id=8",
+        "model.vision_start_token_id=9", "model.vision_end_token_id=10"])
+    vision = model_config(config).vision
+    assert (vision.depth, vision.head_dim, vision.patch_dim) == (2, 16, 1536)

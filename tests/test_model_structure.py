@@ -7,12 +7,15 @@ import pytest
 import torch
 from flax import nnx
 from hf_reference import HF_CLASSES
-from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
+from transformers import (Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3_5VisionConfig,
+                          Qwen3_5VisionModel, Qwen3NextConfig)
 
 from qwen_jax import Qwen35ForCausalLM, preset
+from qwen_jax.config import VISION_PRESETS
 from qwen_jax.cli import main
 from qwen_jax.interop.hf import config_from_hf, config_to_hf
 from qwen_jax.model.counts import parameter_counts
+from qwen_jax.model.vision import VisionModel
 
 DENSE_PRESETS = ["qwen3.5-0.8b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b", "qwen3.5-27b"]
 SPEC_TEXT_PARAMS = {  # spec section 6.1 table
@@ -20,6 +23,10 @@ SPEC_TEXT_PARAMS = {  # spec section 6.1 table
     "qwen3.5-9b": 8_953_803_264, "qwen3.5-27b": 26_895_998_464,
 }
 
+SPEC_VISION_PARAMS = {  # spec section 6.1 table
+    "qwen3.5-0.8b": 100_592_896, "qwen3.5-2b": 331_416_576, "qwen3.5-4b": 333_514_240,
+    "qwen3.5-9b": 456_010_480, "qwen3.5-27b": 460_730_096,
+}
 
 MOE_PRESETS = ["qwen3.5-35b-a3b", "qwen3.5-122b-a10b", "qwen3.5-397b-a17b", "tiny-moe"]
 HF_CONFIGS = {"qwen3_5_text": Qwen3_5TextConfig, "qwen3_5_moe_text": Qwen3_5MoeTextConfig,
@@ -58,6 +65,20 @@ def test_qwen3_next_80b_param_count_matches_transformers():
     total, active = parameter_counts(config)
     assert total == transformers_param_count(config)
     assert 79e9 < total < 82e9 and 2.5e9 < active < 4e9
+
+
+@pytest.mark.parametrize("name", sorted(VISION_PRESETS))
+def test_published_vision_tower_param_count_matches_transformers(name):
+    """The tower alone (against the spec's figure where it gives one) and beside the text stack."""
+    config = preset(name, vision=VISION_PRESETS[name])
+    tower = nnx.eval_shape(lambda: VisionModel(
+        config.vision, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    ours = sum(x.size for x in jax.tree.leaves(nnx.state(tower, nnx.Param)))
+    with torch.device("meta"):
+        hf_tower = Qwen3_5VisionModel(Qwen3_5VisionConfig(**config_to_hf(config)["vision_config"]))
+    assert ours == sum(p.numel() for p in hf_tower.parameters()) == SPEC_VISION_PARAMS.get(name, ours)
+    text_only, _ = parameter_counts(preset(name))
+    assert parameter_counts(config)[0] == text_only + ours
 
 
 def test_info_prints_total_and_active_counts(capsys):

@@ -49,8 +49,10 @@ def test_mesh_matches_single_device(single_device, mesh_sizes, sharded_axes):
     params_1, losses_1 = single_device
     state, losses = run_two_steps(mesh_sizes)
     np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
+    # atol: each device sums the cross-entropy of its own tokens, so fp32 sums run in another order
+    # than on one device (seen: 2 of 32K entries off by 1.9e-6 after two steps).
     for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params_1)):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=5e-6)
     # The MLP kernel [layers, embed, mlp] and its Adam moment really are split over the mesh.
     kernel = state["params"]["groups"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     moment = state["opt_state"][1][0].mu["groups"]["layers"][0]["mlp"]["up_proj"]["kernel"]

@@ -14,7 +14,7 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from qwen_jax.config import ModelConfig
+from qwen_jax.config import ModelConfig, VisionConfig
 from qwen_jax.interop import hf_layouts
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 
@@ -24,7 +24,8 @@ MODEL_TYPES = {"qwen3_5_text": ("qwen3_5", False), "qwen3_5": ("qwen3_5", True),
                "qwen3_next": ("qwen3_next", False)}
 SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
 TEXT_PREFIXES = ("model.language_model.", "model.")
-IGNORED_PREFIXES = ("mtp.", "model.visual.")  # MTP heads are unused by HF too; vision lands later
+VISION_PREFIX = "model.visual."  # read when the config has a vision tower, skipped otherwise
+IGNORED_PREFIXES = ("mtp.",)  # multi-token-prediction heads: HF does not use them either
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 SHARD_BYTES = 4 * 1024**3
@@ -40,6 +41,14 @@ MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
 HF_CLASSES = {"qwen3_5": (("Qwen3_5ForCausalLM", "qwen3_5_text"),
                           ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text")),
               "qwen3_next": (("Qwen3NextForCausalLM", "qwen3_next"),) * 2}
+# The vision-language classes (dense, MoE); their vision config's model_type is this + "_vision".
+HF_VLM_CLASSES = (("Qwen3_5ForConditionalGeneration", "qwen3_5"),
+                  ("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe"))
+VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                 "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
+                 "num_position_embeddings", "hidden_act", "initializer_range")
+# Kept on the composite (top-level) config by HF.
+TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 class CheckpointError(ValueError):
@@ -72,7 +81,21 @@ def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
         fields["norm_topk_prob"] = text.get("norm_topk_prob", True)
     # The vision-language wrapper decides tying at its top level.
     fields["tie_word_embeddings"] = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    if nested and hf.get("vision_config") is not None:
+        fields["vision"] = _vision_config_from_hf(hf["vision_config"])
+        fields.update({name: hf[name] for name in TOKEN_FIELDS if hf.get(name) is not None})
     return ModelConfig(**fields, architecture=architecture, dtype=dtype, param_dtype=dtype)
+
+
+def _vision_config_from_hf(vision: dict) -> VisionConfig:
+    rope = vision.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise CheckpointError(
+            f"vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported (only 'axial')")
+    fields = {name: vision[name] for name in VISION_FIELDS if vision.get(name) is not None}
+    if "rope_theta" in rope:
+        fields["rope_theta"] = rope["rope_theta"]
+    return VisionConfig(**fields)
 
 
 def _check_all_layers_sparse(text: dict) -> None:
@@ -85,7 +108,8 @@ def _check_all_layers_sparse(text: dict) -> None:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """ModelConfig -> the config.json of transformers' matching text-only class."""
+    """ModelConfig -> the config.json of transformers' matching class (text-only, or the
+    vision-language one with the text config nested when the model has a vision tower)."""
     architecture, model_type = HF_CLASSES[cfg.architecture][cfg.is_moe]
     out = {name: getattr(cfg, name) for name in HF_FIELDS}
     out["layer_types"] = list(cfg.layer_types)
@@ -106,7 +130,16 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         out.update(norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
     if isinstance(cfg.eos_token_id, tuple):
         out["eos_token_id"] = list(cfg.eos_token_id)
-    return out
+    if cfg.vision is None:
+        return out
+    architecture, model_type = HF_VLM_CLASSES[cfg.is_moe]
+    del out["architectures"]
+    vision = {name: getattr(cfg.vision, name) for name in VISION_FIELDS}
+    vision.update(model_type=f"{model_type}_vision",
+                  rope_parameters={"rope_type": "axial", "rope_theta": cfg.vision.rope_theta})
+    return {"architectures": [architecture], "model_type": model_type, "text_config": out,
+            "vision_config": vision, **{name: getattr(cfg, name) for name in TOKEN_FIELDS},
+            "tie_word_embeddings": cfg.tie_word_embeddings, "dtype": cfg.param_dtype}
 
 
 # ---------------------------------------------------------------- tensor names
@@ -114,8 +147,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
     """One of our param arrays -> HF's layout."""
-    if kind == "linear":  # Flax kernel [in, out] -> torch weight [out, in]
-        return x.T
+    if kind == "linear":  # Flax kernel [in..., out] -> torch weight [out, in...] (Linear, Conv3d patches)
+        return np.moveaxis(x, -1, 0)
     if kind == "conv":  # ours [K, C] -> torch depthwise [C, 1, K]
         return x.T[:, None, :]
     if kind == "experts":  # ours [E, in, out] -> HF [E, out, in]
@@ -126,7 +159,7 @@ def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
 def _from_hf(x: np.ndarray, kind: str) -> np.ndarray:
     """One HF tensor -> our layout (inverse of _to_hf)."""
     if kind == "linear":
-        return x.T
+        return np.moveaxis(x, 0, -1)
     if kind == "conv":
         return x[:, 0, :].T
     if kind == "experts":
@@ -139,7 +172,7 @@ def _leaf_name(path: tuple) -> tuple[str, str]:
     *head, last = [str(p) for p in path]
     if last == "kernel":
         return ".".join([*head, "weight"]), "linear"
-    if last == "embedding":
+    if last in ("embedding", "scale"):  # nnx.Embed's table, nnx.LayerNorm's weight
         return ".".join([*head, "weight"]), "plain"
     if last == "conv_weight":
         return ".".join([*head, "conv1d", "weight"]), "conv"
@@ -169,13 +202,21 @@ def tensor_map(model: Qwen35ForCausalLM) -> dict[str, tuple[tuple, int | None, s
         else:
             our_prefix = ("groups", "layers", i % period)
         add(layer, f"model.layers.{i}.", our_prefix, index)
+    if model.visual is not None:
+        for part in ("patch_embed", "pos_embed", "merger"):
+            add(getattr(model.visual, part), f"{VISION_PREFIX}{part}.", ("visual", part), None)
+        for j in range(model.config.vision.depth):
+            add(model.visual.blocks, f"{VISION_PREFIX}blocks.{j}.", ("visual", "blocks"), j)
     return entries
 
 
-def _canonical_name(name: str) -> str | None:
-    """A checkpoint key -> our canonical 'model.'/'lm_head.' name; None for keys we ignore."""
-    if name.startswith(IGNORED_PREFIXES):
+def _canonical_name(name: str, vision: bool) -> str | None:
+    """A checkpoint key -> our canonical 'model.'/'model.visual.'/'lm_head.' name; None for keys we
+    ignore (the vision tower's too, when the model is text only, as HF's text-only class does)."""
+    if name.startswith(IGNORED_PREFIXES) or (name.startswith(VISION_PREFIX) and not vision):
         return None
+    if name.startswith(VISION_PREFIX):
+        return name
     for prefix in TEXT_PREFIXES:
         if name.startswith(prefix):
             return "model." + name[len(prefix):]
@@ -219,7 +260,7 @@ class _Assembler:
 
     def add(self, file: str, key: str, reader) -> None:
         """Read checkpoint tensor `key` (shape-checked before its data is read) into the buffers."""
-        name = _canonical_name(key)
+        name = _canonical_name(key, self.config.vision is not None)
         if name is None:
             return
         where = f"{file}: tensor {key!r}"
@@ -288,7 +329,8 @@ def _check_shape(where: str, found: tuple, expected: tuple) -> None:
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32") -> Qwen35ForCausalLM:
     """Load an HF Qwen3.5 / Qwen3.5-MoE / Qwen3-Next directory tensor by tensor (never two full
-    copies in host memory); experts may be fused or per-expert."""
+    copies in host memory); experts may be fused or per-expert. A vision-language config.json
+    (with a vision_config) brings the vision tower along."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -307,9 +349,17 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> Qwen35ForCausalL
     return model
 
 
+def _checkpoint_name(name: str, cfg: ModelConfig) -> str:
+    """Our canonical name -> the key transformers writes: text weights go under
+    model.language_model. in a vision-language checkpoint."""
+    if cfg.vision is None or name.startswith(VISION_PREFIX) or not name.startswith("model."):
+        return name
+    return "model.language_model." + name.removeprefix("model.")
+
+
 def hf_tensors(model: Qwen35ForCausalLM):
-    """(name, array in HF layout) for every tensor transformers' class saves: experts per expert,
-    Qwen3-Next's GDN projections fused."""
+    """(canonical name, array in HF layout) for every tensor transformers' class saves: experts per
+    expert, Qwen3-Next's GDN projections fused."""
     cfg = model.config
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     names = tensor_map(model)
@@ -341,6 +391,7 @@ def save_hf(model: Qwen35ForCausalLM, path: str | os.PathLike) -> None:
     shards: list[dict[str, jax.Array]] = [{}]
     shard_bytes = 0
     for name, array in hf_tensors(model):
+        name = _checkpoint_name(name, model.config)
         tensor = jnp.asarray(array)
         if shards[-1] and shard_bytes + tensor.nbytes > SHARD_BYTES:
             shards.append({})

@@ -3,11 +3,15 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import RMSNorm
 from qwen_jax.model.rope import apply_rope
+from qwen_jax.ops.blockwise_attention import blockwise_attention
+from qwen_jax.parallel.context import AXIS, context_shards
+from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for
 
 
 def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
@@ -60,12 +64,14 @@ class GatedAttention(nnx.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
-                 cache: dict | None = None, index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                 cache: dict | None = None, index: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         """x [B, T, H], cos/sin [B, T, R], mask bool [B, 1, T, S] or None (plain causal, no cache)
         -> ([B, T, H], cache).
 
         Without a cache S = T. With one ({"k", "v"}: [B, S, Hkv, D]) the new keys and values are
         written at columns index .. index + T - 1 and the queries attend over all S columns.
+        On a mesh whose context axis splits T, the mask comes from segment_ids [B, T] instead.
         """
         batch, length, _ = x.shape
         query_and_gate = self.q_proj(x).reshape(batch, length, self.num_heads, 2 * self.head_dim)
@@ -79,8 +85,39 @@ class GatedAttention(nnx.Module):
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
             k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-        # No mask means plain causal rows: is_causal is cuDNN's fast path (~3x the masked kernel).
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                           scale=self.head_dim**-0.5, implementation=self.implementation)
+        mesh = active_mesh()
+        if cache is None and context_shards(mesh) > 1:
+            out = self._across_context(q, k, v, segment_ids, mesh)
+        else:
+            # No mask means plain causal rows: is_causal is cuDNN's fast path (~3x the masked kernel).
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                               scale=self.head_dim**-0.5, implementation=self.implementation)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(out * jax.nn.sigmoid(gate.reshape(out.shape))), cache
+
+    def _across_context(self, q, k, v, segment_ids, mesh):
+        """q [B, T, Hq, D], k, v [B, T, Hkv, D], T split over context -> [B, T, Hq, D], split alike.
+
+        Queries stay on their shard; keys, values and segment ids are gathered over context (with GQA the
+        small side: Hkv heads), and attention runs one key block at a time (ops.blockwise_attention), so a
+        shard never holds [t, T] scores. Every shard walks all key blocks, so none idles behind another.
+        """
+        batch, length = q.shape[:2]
+        ids = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+        rules = active_rules()
+        batch_axes = spec_for(("batch",), (batch,), mesh, rules)[0]
+        # Heads split over the tensor axis only where it divides both query and key/value heads.
+        head_axes = spec_for(("heads",), (self.num_kv_heads,), mesh, rules)[0]
+        per_head = PartitionSpec(batch_axes, AXIS, head_axes, None)
+
+        def local(q, k, v, ids):
+            keys, values, key_ids = (jax.lax.all_gather(x, AXIS, axis=1, tiled=True) for x in (k, v, ids))
+            rows, shard = ids.shape
+            positions = jnp.broadcast_to(jax.lax.axis_index(AXIS) * shard + jnp.arange(shard), (rows, shard))
+            key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), key_ids.shape)
+            return blockwise_attention(q, keys, values, positions, key_positions, ids, key_ids,
+                                       scale=self.head_dim**-0.5)
+
+        rows = PartitionSpec(batch_axes, AXIS)
+        return jax.shard_map(local, mesh=mesh, in_specs=(per_head, per_head, per_head, rows),
+                             out_specs=per_head)(q, k, v, ids)

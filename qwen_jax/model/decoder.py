@@ -13,8 +13,12 @@ from qwen_jax.model.gated_deltanet import GatedDeltaNet
 from qwen_jax.model.mlp import SwiGLU
 from qwen_jax.model.moe import SparseMoE, load_balancing_loss
 from qwen_jax.model.norms import RMSNorm
+from qwen_jax.model.positions import rope_index
 from qwen_jax.model.rope import rope_cos_sin
-from qwen_jax.parallel.rules import constrain
+from qwen_jax.model.vision import VisionModel
+from qwen_jax.model.vlm import check_vision_arguments, embed_vision
+from qwen_jax.parallel.context import context_shards
+from qwen_jax.parallel.rules import active_mesh, constrain
 
 ACTIVATION_AXES = ("batch", "length", "act_embed")
 
@@ -88,7 +92,8 @@ class DecoderLayer(nnx.Module):
         if self.layer_type == LINEAR_ATTENTION:
             x, cache = self.linear_attn(x, ctx["segment_ids"], cache)
         else:
-            x, cache = self.self_attn(x, ctx["cos"], ctx["sin"], ctx["mask"], cache, ctx["cache_index"])
+            x, cache = self.self_attn(x, ctx["cos"], ctx["sin"], ctx["mask"], cache, ctx["cache_index"],
+                                      ctx["segment_ids"])
         h = h + x
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoE):
@@ -120,7 +125,8 @@ class LayerGroup(nnx.Module):
 
 
 class Qwen35ForCausalLM(nnx.Module):
-    """The Qwen3.5 text model with its LM head (HF `Qwen3_5ForCausalLM`)."""
+    """The Qwen3.5 text model with its LM head (HF `Qwen3_5ForCausalLM`); with `config.vision`, also
+    the vision tower whose outputs fill the image/video tokens (HF `Qwen3_5ForConditionalGeneration`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -144,6 +150,9 @@ class Qwen35ForCausalLM(nnx.Module):
             self.lm_head = nnx.Linear(
                 config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
                 param_dtype=param_dtype, kernel_init=nnx.initializers.normal(std), rngs=rngs)
+        self.visual = None if config.vision is None else VisionModel(
+            config.vision, dtype=dtype, param_dtype=param_dtype,
+            remat_policy=REMAT_POLICIES.get(config.remat), rngs=rngs)
 
     def layer(self, index: int) -> tuple[DecoderLayer, int | None]:
         """Layer `index` of the stack and its slot in the stacked group params (None in the tail)."""
@@ -169,10 +178,15 @@ class Qwen35ForCausalLM(nnx.Module):
         return init_cache(self.config, pattern, self.num_groups, tail, batch, max_length)
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, routing: jax.Array | None = None,
+                 positions: jax.Array | None = None, pixel_values: jax.Array | None = None,
+                 image_grid_thw: jax.Array | None = None, pixel_values_videos: jax.Array | None = None,
+                 video_grid_thw: jax.Array | None = None, routing: jax.Array | None = None,
                  cache: Cache | None = None) -> ModelOutput:
         """input_ids int32 [B, T] -> ModelOutput (logits [B, T, V], hidden [B, T, H]).
 
+        pixel_values [num_patches, C * t * p * p] with image_grid_thw int [num_images, 3] (and the
+        same for videos): the vision tower's outputs replace the image (video) tokens in order, and
+        positions=None gives HF's 3-D (t, h, w) positions. A grid without pixels still sets positions.
         routing int32 [L, B, T, k] (an earlier `out.routing`) replays those experts in every MoE layer.
         cache (from `init_cache`, or an earlier `out.cache`) continues its rows with these T tokens
         and comes back updated in `out.cache`; segment ids may then only mark left padding (0).
@@ -188,7 +202,14 @@ class Qwen35ForCausalLM(nnx.Module):
             if not cfg.is_moe or routing.shape != expected:
                 raise ValueError(f"routing shape {routing.shape} must be [layers, batch, length, top_k] "
                                  f"= {expected if cfg.is_moe else 'None: this model has no experts'}")
+        check_vision_arguments(cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         token_mask = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids > 0
+        vision_positions = positions is None and (image_grid_thw is not None or video_grid_thw is not None)
+        if vision_positions:
+            positions = rope_index(input_ids, image_grid_thw, cfg, video_grid_thw=video_grid_thw,
+                                   segment_ids=segment_ids)
+            if cache is not None:
+                positions = positions + cache.positions[None, :, None]
         if cache is not None:
             if positions is None:  # each row counts on from its own real tokens
                 before = jnp.cumsum(token_mask, axis=1) - token_mask
@@ -199,8 +220,10 @@ class Qwen35ForCausalLM(nnx.Module):
             if positions is None:
                 positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
                              if segment_ids is None else segment_positions(segment_ids))
-            # None: plain causal rows, which attention runs without materialising a [T, T] mask.
-            mask = None if segment_ids is None else segment_causal_mask(segment_ids)
+            # None: plain causal rows, which attention runs without materialising a [T, T] mask; and
+            # with the sequence split over context, each shard builds its own rows from the segment ids.
+            split = context_shards(active_mesh()) > 1
+            mask = None if segment_ids is None or split else segment_causal_mask(segment_ids)
         cos, sin = rope_cos_sin(positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
                                 mrope_section=cfg.mrope_section, dtype=jnp.dtype(cfg.dtype))
         ctx = {"cos": cos, "sin": sin, "mask": mask, "segment_ids": segment_ids,
@@ -212,7 +235,11 @@ class Qwen35ForCausalLM(nnx.Module):
             group_replay = routing[:grouped].reshape(self.num_groups, period, *routing.shape[1:])
             tail_replay = routing[grouped:]
 
-        h = constrain(self.embed_tokens(input_ids), ACTIVATION_AXES)
+        h = self.embed_tokens(input_ids)
+        if pixel_values is not None or pixel_values_videos is not None:
+            h = embed_vision(self.visual, cfg, h, input_ids, pixel_values, image_grid_thw,
+                             pixel_values_videos, video_grid_thw)
+        h = constrain(h, ACTIVATION_AXES)
         h, group_stats, group_caches = self._run_groups(
             h, ctx, group_replay, None if cache is None else cache.groups)
         h, tail_stats, tail_caches = self.tail(h, ctx, tail_replay, None if cache is None else cache.tail)
@@ -220,9 +247,12 @@ class Qwen35ForCausalLM(nnx.Module):
         out = ModelOutput(logits=self.logits(hidden), hidden=hidden,
                           aux_loss=jnp.zeros((), jnp.float32))
         if cache is not None:
+            next_positions = cache.positions + jnp.sum(token_mask, axis=1, dtype=jnp.int32)
+            if vision_positions:  # text after the images goes on from the largest position + 1
+                last = jnp.max(jnp.where(token_mask, jnp.max(positions, axis=0), -1), axis=1)
+                next_positions = jnp.maximum(cache.positions, last + 1)
             out = out.replace(cache=Cache(
-                groups=group_caches, tail=tail_caches, valid=valid,
-                positions=cache.positions + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
+                groups=group_caches, tail=tail_caches, valid=valid, positions=next_positions,
                 index=cache.index + input_ids.shape[1]))
         if not cfg.is_moe:
             return out

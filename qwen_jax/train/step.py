@@ -84,10 +84,9 @@ def loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, token_count: jax.Ar
     """Masked mean CE (+ z-loss, + MoE aux) of one micro-batch, normalised by the global token count."""
     model = nnx.merge(graphdef, params)
     out = model(batch["input_ids"], segment_ids=batch["segment_ids"])
-    hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
     ce_sum, z_sum = chunked_cross_entropy(
-        hidden, model.head_weight(), batch["targets"].reshape(-1), batch["loss_mask"].reshape(-1),
-        chunk_size=cfg.ce_chunk, z_loss_weight=cfg.z_loss, compute_dtype=hidden.dtype)
+        out.hidden, model.head_weight(), batch["targets"], batch["loss_mask"],
+        chunk_size=cfg.ce_chunk, z_loss_weight=cfg.z_loss, compute_dtype=out.hidden.dtype)
     aux = out.aux_loss / cfg.grad_accum
     aux_weight = model.config.router_aux_loss_coef if cfg.moe_aux_loss is None else cfg.moe_aux_loss
     loss = (ce_sum + z_sum) / token_count + aux_weight * aux
