@@ -18,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 GDN_SCANS = ("sequential", "associative")
 ARCHITECTURES = ("qwen3_5", "qwen3_next")  # the HF family save_hf writes (weights layout, RoPE)
 MOE_DISPATCHES = ("ragged", "padded")
+ROPE_TYPES = ("yarn",)  # RoPE scalings besides plain RoPE (HF rope_type "default")
 # "auto": cuDNN flash attention on GPU, XLA's attention elsewhere.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # "auto": the Pallas kernel on GPU, the pure-JAX chunked op elsewhere (TPU, CPU).
@@ -102,6 +103,31 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (HF `rope_parameters` with rope_type "yarn"): each RoPE frequency is
+    blended between its original value and value / factor by how many turns it makes within
+    original_max_position_embeddings, and cos/sin are scaled by the attention factor."""
+
+    factor: float = 4.0
+    original_max_position_embeddings: int = 262144
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # None: from factor (and mscale / mscale_all_dim), as HF
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    rope_type: str = "yarn"
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"model.rope_scaling.rope_type is {self.rope_type!r}; choose one of {ROPE_TYPES}")
+        _check_positive("model.rope_scaling", self, ("original_max_position_embeddings",))
+        for name in ("factor", "beta_fast", "beta_slow"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.rope_scaling.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The Qwen3.5 model (dense or MoE; Qwen3-Next too): dimensions, layers, RoPE, runtime dtypes, and
     the vision tower of the vision-language models."""
@@ -123,6 +149,7 @@ class ModelConfig:
     rope_theta: float = 1e7
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, ...] = (11, 11, 10)
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 262144
     initializer_range: float = 0.02
@@ -163,6 +190,8 @@ class ModelConfig:
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**dict(self.rope_scaling)))
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
             # A dict from a saved config.json, or a ConfigDict from a config file.
             object.__setattr__(self, "vision", VisionConfig(**dict(self.vision)))

@@ -14,7 +14,7 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from qwen_jax.config import ModelConfig, VisionConfig
+from qwen_jax.config import ROPE_TYPES, ModelConfig, RopeScaling, VisionConfig
 from qwen_jax.interop import hf_layouts
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 
@@ -49,6 +49,8 @@ VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_c
                  "num_position_embeddings", "hidden_act", "initializer_range")
 # Kept on the composite (top-level) config by HF.
 TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+# Optional yarn rope_parameters besides factor and original_max_position_embeddings.
+YARN_FIELDS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
 class CheckpointError(ValueError):
@@ -68,11 +70,14 @@ def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
     text = hf["text_config"] if nested else hf
     fields = {name: text[name] for name in HF_FIELDS + MOE_FIELDS if text.get(name) is not None}
     rope = text.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported yet")
+    if rope.get("rope_type", "default") not in ("default",) + ROPE_TYPES:
+        raise CheckpointError(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported; "
+                              f"supported: default, {', '.join(ROPE_TYPES)}")
     for name in ("rope_theta", "partial_rotary_factor", "mrope_section"):
         if name in rope:
             fields[name] = rope[name]
+    if rope.get("rope_type") == "yarn":
+        fields["rope_scaling"] = _rope_scaling_from_hf(rope, text)
     if architecture == "qwen3_next":
         _check_all_layers_sparse(text)
         # Plain 1-D RoPE: every frequency slot takes the (text) position.
@@ -85,6 +90,16 @@ def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
         fields["vision"] = _vision_config_from_hf(hf["vision_config"])
         fields.update({name: hf[name] for name in TOKEN_FIELDS if hf.get(name) is not None})
     return ModelConfig(**fields, architecture=architecture, dtype=dtype, param_dtype=dtype)
+
+
+def _rope_scaling_from_hf(rope: dict, text: dict) -> RopeScaling:
+    """HF's yarn rope_parameters -> RopeScaling; a missing factor is max / original positions, as HF."""
+    original = rope.get("original_max_position_embeddings")
+    if original is None:
+        raise CheckpointError("rope_parameters with rope_type 'yarn' needs original_max_position_embeddings")
+    factor = rope.get("factor") or text["max_position_embeddings"] / original
+    optional = {name: rope[name] for name in YARN_FIELDS if rope.get(name) is not None}
+    return RopeScaling(factor=factor, original_max_position_embeddings=original, **optional)
 
 
 def _vision_config_from_hf(vision: dict) -> VisionConfig:
@@ -115,6 +130,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     out["layer_types"] = list(cfg.layer_types)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta,
             "partial_rotary_factor": cfg.partial_rotary_factor}
+    if cfg.rope_scaling is not None:
+        scaling = cfg.rope_scaling
+        rope.update(rope_type=scaling.rope_type, factor=scaling.factor,
+                    original_max_position_embeddings=scaling.original_max_position_embeddings,
+                    **{name: getattr(scaling, name) for name in YARN_FIELDS if getattr(scaling, name) is not None})
     if cfg.architecture == "qwen3_5":
         rope.update(mrope_section=list(cfg.mrope_section), mrope_interleaved=True)
     out.update(

@@ -225,7 +225,8 @@ class Qwen35ForCausalLM(nnx.Module):
             split = context_shards(active_mesh()) > 1
             mask = None if segment_ids is None or split else segment_causal_mask(segment_ids)
         cos, sin = rope_cos_sin(positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
-                                mrope_section=cfg.mrope_section, dtype=jnp.dtype(cfg.dtype))
+                                mrope_section=cfg.mrope_section, dtype=jnp.dtype(cfg.dtype),
+                                scaling=cfg.rope_scaling)
         ctx = {"cos": cos, "sin": sin, "mask": mask, "segment_ids": segment_ids,
                "token_mask": token_mask, "cache_index": None if cache is None else cache.index}
         period = len(self.group_pattern)
