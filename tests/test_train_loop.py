@@ -90,7 +90,7 @@ def jax_leaves(tree):
 
 
 @pytest.mark.slow
-def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path, caplog):
+def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(uninterrupted, workdir)
     latest = workdir / "checkpoints" / str(STEPS)
@@ -98,14 +98,17 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path,
         data_file.write_bytes(b"")  # truncated, as if the process died while writing
     partial = workdir / "checkpoints" / f"{STEPS + 10}.orbax-checkpoint-tmp-1234"
     partial.mkdir()
-    config = load_config("configs/pretrain_tiny.py", [a[len("--config."):] for a in OVERRIDES])
-    with caplog.at_level("WARNING"):
-        rows = run_training(config, workdir)
-    warnings = caplog.text
-    assert str(partial) in warnings and str(latest) in warnings
-    assert [row["step"] for row in rows] == list(range(STEPS - EVERY + 1, STEPS + 1))
-    assert [row["learning/loss"] for row in rows] == [losses(uninterrupted)[s] for s in
-                                                        range(STEPS - EVERY + 1, STEPS + 1)]
+    # Poison the copied rows past the older checkpoint: the resumed run must write them afresh.
+    metrics = workdir / "metrics.jsonl"
+    rows = [{**row, "learning/loss": -1.0} if row["step"] > STEPS - EVERY else row for row in read_metrics(metrics)]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # The same one-device setup as the uninterrupted run, so that its losses can be compared bitwise.
+    done = subprocess.run(train_command(workdir), env=ONE_DEVICE, check=True, capture_output=True, text=True)
+    assert str(partial) in done.stderr and str(latest) in done.stderr
+    assert f"resumed from step {STEPS - EVERY}" in done.stdout
+    assert [row["step"] for row in read_metrics(metrics)] == list(range(1, STEPS + 1))
+    resumed = range(STEPS - EVERY + 1, STEPS + 1)
+    assert [losses(workdir)[s] for s in resumed] == [losses(uninterrupted)[s] for s in resumed]
 
 
 @pytest.mark.parametrize("override, message", [

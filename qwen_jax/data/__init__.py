@@ -1,5 +1,5 @@
 """Training data: a corpus that ships with Python, a BPE tokenizer, packing, and Grain pipelines;
-image preprocessing and image-text sources for the vision side."""
+image preprocessing, image-text sources, and their packed and mixed Grain pipeline for vision."""
 
 from qwen_jax.data.images import (
     ImageError,
@@ -9,6 +9,20 @@ from qwen_jax.data.images import (
     patchify_frames,
     preprocess_image,
     smart_resize,
+)
+from qwen_jax.data.mm_packing import (
+    VISION_TOKENS,
+    add_vision_tokens,
+    check_vision_tokens,
+    load_hf_tokenizer,
+)
+from qwen_jax.data.mm_pipeline import (
+    MM_ROW_KEYS,
+    MMBatchIterator,
+    MMPackedCorpus,
+    make_mm_train_iterator,
+    pack_mm_corpus,
+    vision_tower_inputs,
 )
 from qwen_jax.data.mm_sources import (
     SKIP_REASONS,
@@ -28,10 +42,12 @@ from qwen_jax.data.sources import python_docs_corpus, split_documents
 from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id, train_bpe_tokenizer
 
 __all__ = [
-    "ROW_KEYS", "SKIP_REASONS", "ImageError", "ImageProcessorConfig", "ImageTextRecord",
-    "PackedCorpus", "ProcessedImage", "digits_image_text_records", "eos_id",
-    "image_placeholder_length", "load_image_text_jsonl", "load_or_train_tokenizer",
-    "make_eval_batches", "make_train_iterator", "pack_corpus", "pack_documents", "pad_id",
-    "patchify_frames", "preprocess_image", "python_docs_corpus", "smart_resize",
-    "split_documents", "tokenize_documents", "train_bpe_tokenizer", "unigram_entropy",
+    "MM_ROW_KEYS", "ROW_KEYS", "SKIP_REASONS", "VISION_TOKENS", "ImageError",
+    "ImageProcessorConfig", "ImageTextRecord", "MMBatchIterator", "MMPackedCorpus", "PackedCorpus",
+    "ProcessedImage", "add_vision_tokens", "check_vision_tokens", "digits_image_text_records",
+    "eos_id", "image_placeholder_length", "load_hf_tokenizer", "load_image_text_jsonl",
+    "load_or_train_tokenizer", "make_eval_batches", "make_mm_train_iterator", "make_train_iterator",
+    "pack_corpus", "pack_documents", "pack_mm_corpus", "pad_id", "patchify_frames",
+    "preprocess_image", "python_docs_corpus", "smart_resize", "split_documents",
+    "tokenize_documents", "train_bpe_tokenizer", "unigram_entropy", "vision_tower_inputs",
 ]
