@@ -1,8 +1,8 @@
 """Context parallelism: a sequence split over the `context` axis gives the single-device results.
 
 The gated delta rule's cross-shard combine equals the unsplit chunked op (fp32, packed documents, an
-initial state); the whole model's train step on context=8 (packed) and data=2 x context=4 (not
-packed) meshes equals one device; the GDN exchanges small maps and boundary tokens, never the sequence.
+initial state); the whole model's train step on context=8 and data=2 x context=4 meshes equals one
+device, on packed and unpacked rows; the GDN exchanges small maps and boundary tokens, never the sequence.
 """
 
 import functools
@@ -71,37 +71,40 @@ MODEL = preset("tiny", vocab_size=256, num_hidden_layers=4, gdn_chunk_size=16)
 TRAIN = TrainConfig(batch_size=4, seq_len=256, lr=1e-2, warmup_steps=0, schedule="constant", eps=1e-3)
 
 
-def make_batch(seed, packed):
-    ids = np.random.default_rng(seed).integers(0, MODEL.vocab_size, (4, 257)).astype(np.int32)
-    # Packed: cuts on a context=8 shard edge (64) and inside shards (100, 190).
-    segments = np.repeat([1, 2, 3, 4], [64, 36, 90, 66]) if packed else np.ones(256)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-            "segment_ids": np.broadcast_to(segments.astype(np.int32), (4, 256)).copy(),
+def make_batch():
+    """Rows 0 and 2 packed (cuts on a context=8 shard edge, 64, and inside shards), rows 1 and 3 one document."""
+    ids = np.random.default_rng(0).integers(0, MODEL.vocab_size, (4, 257)).astype(np.int32)
+    packed = np.repeat([1, 2, 3, 4], [64, 36, 90, 66])
+    segments = np.stack([packed, np.ones(256), packed, np.ones(256)]).astype(np.int32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": segments,
             "loss_mask": np.ones((4, 256), np.float32)}
 
 
-def one_step(mesh_sizes, packed, devices=None):
-    """One AdamW step (the gradients of every parameter show in the new params) -> trainer, state, loss."""
+def one_step(mesh_sizes, devices=None):
+    """One AdamW step (the gradients of every parameter show in the new params), compiled once
+    -> (the batch, the new state, the loss, the compiled program's text)."""
     trainer = make_trainer(MODEL, TRAIN, make_mesh(mesh_sizes, devices), DEFAULT_RULES)
-    state, metrics = trainer.step_fn(trainer.init_state(seed=0), trainer.global_batch(make_batch(0, packed)))
-    return trainer, state, float(metrics["learning/loss"])
+    state, batch = trainer.init_state(seed=0), trainer.global_batch(make_batch())
+    compiled = trainer.step_fn.lower(state, batch).compile()
+    state, metrics = compiled(state, batch)
+    return batch, state, float(metrics["learning/loss"]), compiled.as_text()
 
 
-@pytest.mark.parametrize("mesh_sizes, packed", [
-    ({"context": 8}, True),
-    ({"data": 2, "context": 4}, False),
-])
-def test_train_step_on_context_mesh_matches_one_device(mesh_sizes, packed):
-    _, state_1, loss_1 = one_step({"data": 1}, packed, jax.devices()[:1])
-    trainer, state, loss = one_step(mesh_sizes, packed)
+@pytest.fixture(scope="module")
+def single_device():
+    return one_step({"data": 1}, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"context": 8}, {"data": 2, "context": 4}])
+def test_train_step_on_context_mesh_matches_one_device(single_device, mesh_sizes):
+    _, state_1, loss_1, _ = single_device
+    batch, state, loss, hlo = one_step(mesh_sizes)
     np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state_1["params"])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
     # The batch's sequence axis is split over context. Across devices go the GDN's conv halos and shard
     # maps, attention's keys and values, and [B, T] ids and masks; no activation of the whole sequence.
-    batch = trainer.global_batch(make_batch(0, packed))
     assert batch["input_ids"].sharding.spec[1] == "context"
-    hlo = trainer.step_fn.lower(state, batch).compile().as_text()
     collectives = re.findall(r"= (\S+) (all-gather|collective-permute|all-reduce|reduce-scatter|all-to-all)\(", hlo)
     assert "collective-permute" in {kind for _, kind in collectives}
     allowed = rf"(s32|pred)\[\d+,256\]|f32\[\d+,256,{MODEL.num_key_value_heads},{MODEL.head_dim}\]"
