@@ -48,7 +48,7 @@ from flax import nnx  # noqa: E402
 
 # bench_train leaves the environment alone in a process started with --side, as ours are.
 from bench_train import RESULT, run_ours, time_steps  # noqa: E402
-from common import REPO, git_commit, guarded, run_peer  # noqa: E402
+from common import REPO, git_commit, guarded, run_peer, write_report  # noqa: E402
 from qwen_jax import Qwen35ForCausalLM, generate, preset  # noqa: E402
 from qwen_jax.config import REMAT_POLICIES  # noqa: E402
 from qwen_jax.ops.delta_rule import gated_delta_rule  # noqa: E402
@@ -515,11 +515,7 @@ def markdown(data):
 
 def save(out, slug, data):
     """Write accelerator_<slug>.json and .md; -> the markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"accelerator_{slug}.json").write_text(json.dumps(data, indent=2) + "\n")
-    table = markdown(data)
-    (out / f"accelerator_{slug}.md").write_text(table)
-    return table
+    return write_report(out, f"accelerator_{slug}", data, markdown)
 
 
 def main():

@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from common import REPO, git_commit, run_peer  # noqa: E402
+from common import REPO, git_commit, run_peer, write_report  # noqa: E402
 CPU_SHAPES = [(8, 256), (4, 512)]  # (batch, seq)
 GPU_SHAPES = [(2, 4096), (4, 4096), (8, 4096)]
 GPU_MODEL = {"preset": "qwen3.5-0.8b",
@@ -255,11 +255,7 @@ def markdown(data):
 
 def save(out, slug, data):
     """Write train_<slug>.json and .md; -> the markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"train_{slug}.json").write_text(json.dumps(data, indent=2) + "\n")
-    table = markdown(data)
-    (out / f"train_{slug}.md").write_text(table)
-    return table
+    return write_report(out, f"train_{slug}", data, markdown)
 
 
 def main():

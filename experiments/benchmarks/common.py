@@ -59,3 +59,12 @@ def guarded(name: str, run):
     except Exception as e:  # noqa: BLE001 - recorded in the report, not hidden
         print(f"  {name}: ERROR {e!r}"[:300], flush=True)
         return {"error": repr(e)[:500]}
+
+
+def write_report(out: Path, name: str, data: dict, markdown) -> str:
+    """Write <out>/<name>.json (raw figures) and <name>.md (markdown(data)); -> the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    table = markdown(data)
+    (out / f"{name}.md").write_text(table)
+    return table
