@@ -14,14 +14,15 @@ from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, chunk_terms, start
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
 
 
-def _is_power_of_two(n: int) -> bool:
+def _tileable(n: int) -> bool:
+    """A power of two of at least 16: what Triton's loads and dots take."""
     return n >= 16 and n & (n - 1) == 0
 
 
 def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: int) -> None:
     """Raise ValueError unless Triton can tile these: powers of two >= 16, dv a multiple of block_v."""
     for name, size in (("key head dim", key_dim), ("chunk_size", chunk_size), ("block_v", block_v)):
-        if not _is_power_of_two(size):
+        if not _tileable(size):
             raise ValueError(f"the Pallas gated delta rule needs {name} to be a power of two >= 16; got {size}")
     if value_dim % block_v:
         raise ValueError(f"the Pallas gated delta rule needs the value head dim ({value_dim}) to be a "
