@@ -331,6 +331,8 @@ TINY = ModelConfig(
     linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
     mrope_section=(2, 1, 1), tie_word_embeddings=True, max_position_embeddings=4096,
     eos_token_id=None,
+    # The ids a tokenizer trained here gives the vision tokens (after <|endoftext|> and <|pad|>).
+    vision_start_token_id=2, vision_end_token_id=3, image_token_id=4, video_token_id=5,
 )
 
 PRESETS: dict[str, ModelConfig] = {
@@ -368,6 +370,9 @@ VISION_PRESETS: dict[str, VisionConfig] = {
     "qwen3.5-35b-a3b": _vision(27, 1152, 4304, 16, 2048),
     "qwen3.5-122b-a10b": _vision(27, 1152, 4304, 16, 3072),
     "qwen3.5-397b-a17b": _vision(27, 1152, 4304, 16, 4096),
+    # For the tiny text model: two blocks, an 8 x 8 learned position grid.
+    "tiny": VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                         out_hidden_size=TINY.hidden_size, num_position_embeddings=64),
 }
 
 

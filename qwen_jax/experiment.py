@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ml_collections
 
-from qwen_jax.config import ConfigError, ModelConfig, TrainConfig, preset
+from qwen_jax.config import VISION_PRESETS, ConfigError, ModelConfig, TrainConfig, preset
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 # Sections whose typed dataclass fields may be set from the command line even if the file omits them.
@@ -77,12 +77,18 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """config.model.preset plus every other config.model.* field as an override, validated."""
+    """config.model.preset plus every other config.model.* field as an override, validated;
+    config.model.vision names a VISION_PRESETS tower (or "" for none)."""
     fields = dict(config.model)
     name = fields.pop("preset")
     unknown = sorted(set(fields) - MODEL_FIELDS)
     if unknown:
         raise ConfigError(f"config.model has unknown field(s) {unknown}; ModelConfig fields: {sorted(MODEL_FIELDS)}")
+    if isinstance(fields.get("vision"), str):
+        tower = fields["vision"]
+        if tower and tower not in VISION_PRESETS:
+            raise ConfigError(f"model.vision {tower!r} is unknown; towers: {sorted(VISION_PRESETS)}")
+        fields["vision"] = VISION_PRESETS[tower] if tower else None
     return preset(name, **fields)
 
 

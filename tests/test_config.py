@@ -2,7 +2,7 @@
 
 import pytest
 
-from qwen_jax.config import ConfigError, ModelConfig, preset
+from qwen_jax.config import VISION_PRESETS, ConfigError, ModelConfig, preset
 from qwen_jax.experiment import load_config, model_config
 
 
@@ -20,7 +20,7 @@ from qwen_jax.experiment import load_config, model_config
     (dict(vision=dict(num_position_embeddings=250, out_hidden_size=128)), "vision.num_position_embeddings"),
     (dict(vision=dict(hidden_size=72, num_heads=4, out_hidden_size=128)), "vision.hidden_size"),
     (dict(vision=dict(out_hidden_size=64)), "vision.out_hidden_size"),
-    (dict(vision=dict(out_hidden_size=128)), "image_token_id"),  # HF's id is beyond tiny's vocabulary
+    (dict(vision=dict(out_hidden_size=128), image_token_id=248056), "image_token_id"),  # > vocab
 ])
 def test_bad_model_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=f"model.{field}".replace("[", r"\[")):
@@ -64,3 +64,8 @@ def test_vision_config_from_a_config_file_override():
         "model.vision_start_token_id=9", "model.vision_end_token_id=10"])
     vision = model_config(config).vision
     assert (vision.depth, vision.head_dim, vision.patch_dim) == (2, 16, 1536)
+    # Or a tower preset by name; an unknown name lists the known ones.
+    named = load_config("configs/pretrain_tiny.py", ["model.vision=tiny"])
+    assert model_config(named).vision == VISION_PRESETS["tiny"]
+    with pytest.raises(ConfigError, match="model.vision 'huge' is unknown; towers: .*'tiny'"):
+        model_config(load_config("configs/pretrain_tiny.py", ["model.vision=huge"]))

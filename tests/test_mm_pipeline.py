@@ -318,6 +318,13 @@ def test_bad_records_are_skipped_and_counted(tokenizer, config, digits):
                          [clean.row(i) for i in range(clean.num_rows)])
     with pytest.raises(ValueError, match="no usable documents among 2"):
         pack_mm_corpus(tokenizer, ["", None], config, seq_len=SEQ_LEN, max_patches=MAX_PATCHES)
+    # Strict mode stops at the first bad document, naming where it came from and why.
+    for bad, message in ((documents[:3], "document 0: not_text"),
+                         (good + [huge], "huge: image_too_long"),
+                         (good + [crowded], "m: too_many_patches")):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            pack_mm_corpus(tokenizer, bad, config, seq_len=SEQ_LEN, max_patches=MAX_PATCHES,
+                           max_images=2, strict=True)
 
 
 def test_sources_must_share_row_shapes_and_weights_must_name_them(mixture, tokenizer, config,

@@ -1,5 +1,7 @@
-"""Image-text sources: JSONL bad records are skipped and counted (strict: named); the digits set."""
+"""Image-text sources: JSONL and ArrayRecord bad records are skipped and counted (strict: named);
+the digits and the sample photos."""
 
+import base64
 import json
 
 import numpy as np
@@ -10,7 +12,10 @@ from qwen_jax.data.images import ImageProcessorConfig, ProcessedImage, preproces
 from qwen_jax.data.mm_sources import (
     SKIP_REASONS,
     digits_image_text_records,
+    load_image_text_array_record,
     load_image_text_jsonl,
+    sample_photo_records,
+    write_image_text_array_record,
 )
 
 TINY = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=64 * 64)
@@ -145,3 +150,40 @@ def test_all_digits_load_with_the_default_upscale():
     assert len(records) == 1797
     assert {record.parts[1] for record in records} == {
         f"A handwritten digit {label}." for label in range(10)}
+
+
+def test_array_record_holds_paths_or_the_image_bytes_and_counts_bad_records(folder):
+    red_bytes = base64.b64encode((folder / "red.png").read_bytes()).decode()
+    garbage = base64.b64encode(b"not an image").decode()
+    documents = [GOOD_LINES[1],
+                 {"parts": [{"text": "Inline:"}, {"image_bytes": red_bytes}]},
+                 {"parts": [{"image_bytes": "%%% not base64"}, {"text": "x"}]},
+                 {"parts": [{"image_bytes": garbage}, {"text": "x"}]},
+                 {"parts": [{"image": "red.png", "image_bytes": red_bytes}]},
+                 BAD_LINES["missing_image"][0]]
+    path = folder / "data.array_record"
+    write_image_text_array_record(path, documents)
+    records, skipped = load_image_text_array_record(path, TINY)
+
+    assert skipped == {"bad_field": 2, "corrupt_image": 1, "missing_image": 1}
+    assert [record.source for record in records] == [f"{path}[0]", f"{path}[1]"]
+    # The same documents read from JSONL give the same records; inline bytes equal the file.
+    from_jsonl, _ = load_image_text_jsonl(write_jsonl(folder / "same.jsonl", documents[:1]), TINY)
+    for got, want in zip(records[0].images, from_jsonl[0].images):
+        np.testing.assert_array_equal(got.pixel_values, want.pixel_values)
+    np.testing.assert_array_equal(records[1].images[0].pixel_values, records[0].images[0].pixel_values)
+    with pytest.raises(ValueError, match=r"data\.array_record\[2\]: bad_field: 'image_bytes' is not base64"):
+        load_image_text_array_record(path, TINY, strict=True)
+    with pytest.raises(FileNotFoundError, match="nowhere.array_record"):
+        load_image_text_array_record(folder / "nowhere.array_record", TINY)
+
+
+def test_sample_photos_are_the_two_sklearn_photos_resized_into_the_budget():
+    records = sample_photo_records(TINY)
+    assert [record.source for record in records] == ["sklearn sample_images/china.jpg",
+                                                     "sklearn sample_images/flower.jpg"]
+    for record in records:
+        image, caption = record.parts
+        assert caption.startswith("A photo of")
+        assert image.grid_thw == (1, 2, 4)  # 427x640 into 64*64 pixels: 32x64
+        assert image.pixel_values.std() > 0.1  # a real picture, not a flat fill

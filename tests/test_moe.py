@@ -116,7 +116,7 @@ def loss_and_grads(mesh_sizes, devices=None):
                 params, trainer.graphdef, batch, TRAIN, jnp.sum(batch["loss_mask"]))
         return loss, grads
 
-    step = jax.jit(run, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding))
+    step = jax.jit(run, in_shardings=(trainer.state_shardings["params"], trainer.batch_shardings))
     loss, grads = step(params, batch)
     return loss, grads, step.lower(params, batch).compile().as_text(), params
 

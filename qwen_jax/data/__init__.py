@@ -20,6 +20,7 @@ from qwen_jax.data.mm_pipeline import (
     MM_ROW_KEYS,
     MMBatchIterator,
     MMPackedCorpus,
+    make_mm_eval_batches,
     make_mm_train_iterator,
     pack_mm_corpus,
     vision_tower_inputs,
@@ -28,7 +29,10 @@ from qwen_jax.data.mm_sources import (
     SKIP_REASONS,
     ImageTextRecord,
     digits_image_text_records,
+    load_image_text_array_record,
     load_image_text_jsonl,
+    sample_photo_records,
+    write_image_text_array_record,
 )
 from qwen_jax.data.packing import ROW_KEYS, pack_documents, unigram_entropy
 from qwen_jax.data.pipeline import (
@@ -45,9 +49,11 @@ __all__ = [
     "MM_ROW_KEYS", "ROW_KEYS", "SKIP_REASONS", "VISION_TOKENS", "ImageError",
     "ImageProcessorConfig", "ImageTextRecord", "MMBatchIterator", "MMPackedCorpus", "PackedCorpus",
     "ProcessedImage", "add_vision_tokens", "check_vision_tokens", "digits_image_text_records",
-    "eos_id", "image_placeholder_length", "load_hf_tokenizer", "load_image_text_jsonl",
-    "load_or_train_tokenizer", "make_eval_batches", "make_mm_train_iterator", "make_train_iterator",
+    "eos_id", "image_placeholder_length", "load_hf_tokenizer", "load_image_text_array_record",
+    "load_image_text_jsonl", "load_or_train_tokenizer", "make_eval_batches", "make_mm_eval_batches",
+    "make_mm_train_iterator", "make_train_iterator",
     "pack_corpus", "pack_documents", "pack_mm_corpus", "pad_id", "patchify_frames",
-    "preprocess_image", "python_docs_corpus", "smart_resize", "split_documents",
-    "tokenize_documents", "train_bpe_tokenizer", "unigram_entropy", "vision_tower_inputs",
+    "preprocess_image", "python_docs_corpus", "sample_photo_records", "smart_resize",
+    "split_documents", "tokenize_documents", "train_bpe_tokenizer", "unigram_entropy",
+    "vision_tower_inputs", "write_image_text_array_record",
 ]

@@ -20,7 +20,8 @@ A row (keys `MM_ROW_KEYS`; a batch adds a leading [B]):
     image_grid_thw int32   [I, 3]     the row's images' (t, h, w) in order, then (0, 0, 0) rows
     num_images     int32   []         how many image_grid_thw rows are real
 The padding grids (0, 0, 0) cover no patches and no tokens; the padding patches are the rows past
-sum(t * h * w). `vision_tower_inputs` turns a batch into the flat inputs the vision tower takes.
+sum(t * h * w). The model takes pixel_values and image_grid_thw of a batch as they are (per-row
+images); `vision_tower_inputs` turns a batch into HF's flat layout.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from collections.abc import Mapping
 from absl import flags
 
 import grain
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -50,6 +49,7 @@ from qwen_jax.data.mm_packing import (
 )
 from qwen_jax.data.pipeline import _per_host_batch_size
 from qwen_jax.data.tokenizer import eos_id, pad_id
+from qwen_jax.model.vlm import vision_tower_inputs  # noqa: F401 - the batch's reader, re-exported
 
 MM_ROW_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask", "pixel_values",
                "image_grid_thw", "num_images")
@@ -90,9 +90,11 @@ def _check_budgets(config: ModelConfig, seq_len: int, max_patches: int) -> None:
 
 
 def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *, seq_len: int,
-                   max_patches: int, max_images: int | None = None) -> MMPackedCorpus:
-    """Tokenise str / ImageTextRecord documents (skipping bad ones) and plan rows of seq_len tokens
-    and at most max_patches patches and max_images images (default: one per merge block)."""
+                   max_patches: int, max_images: int | None = None,
+                   strict: bool = False) -> MMPackedCorpus:
+    """Tokenise str / ImageTextRecord documents (skipping and counting bad ones; strict: raising
+    ValueError("<source>: <reason>") on the first) and plan rows of seq_len tokens and at most
+    max_patches patches and max_images images (default: one per merge block)."""
     _check_budgets(config, seq_len, max_patches)
     check_vision_tokens(tokenizer, config)
     if max_images is None:
@@ -101,18 +103,19 @@ def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *
     if eos is None:
         raise ValueError("the tokenizer has no <|endoftext|> token to end documents with")
     kept, skipped = [], collections.Counter()
-    for record in documents:
+    for index, record in enumerate(documents):
         try:
             document = tokenize_record(tokenizer, record, config, eos)
+            problem = budget_problem(document, seq_len=seq_len, max_patches=max_patches,
+                                     max_images=max_images)
         except SkipRecord as skip:
-            skipped[skip.reason] += 1
-            continue
-        problem = budget_problem(document, seq_len=seq_len, max_patches=max_patches,
-                                 max_images=max_images)
-        if problem:
-            skipped[problem] += 1
-        else:
+            problem = skip.reason
+        if not problem:
             kept.append(document)
+        elif strict:
+            raise ValueError(f"{getattr(record, 'source', f'document {index}')}: {problem}")
+        else:
+            skipped[problem] += 1
     if not kept:
         raise ValueError(f"no usable documents among {len(documents)} (skipped: {dict(skipped)})")
     rows = plan_rows(kept, seq_len=seq_len, max_patches=max_patches, max_images=max_images)
@@ -225,29 +228,23 @@ def make_mm_train_iterator(corpora: Mapping[str, MMPackedCorpus], *, global_batc
     return MMBatchIterator(batches, worker_count)
 
 
-def vision_tower_inputs(pixel_values, image_grid_thw, merge_size: int = 2):
-    """pixel_values [B, P, D], image_grid_thw [B, I, 3] -> (pixel_values [B*P, D], grid [B*I+1, 3])
-    for the vision tower and the model's in-order scatter, fixed shapes, numpy or jax (under jit).
-
-    The real patches of all rows move to the front in row order, so the tower's first outputs are
-    the features of the image tokens in row-major order, as the scatter takes them. The padding
-    patches go to the end as one filler image (1, merge, pad / merge) that attends only to itself
-    and whose features no token takes; the (0, 0, 0) grids stay and cover nothing.
-    """
-    xp = jnp if any(isinstance(x, jax.Array) for x in (pixel_values, image_grid_thw)) else np
-    batch, max_patches, dim = pixel_values.shape
-    used = xp.sum(xp.prod(image_grid_thw, axis=-1), axis=-1)  # real patches per row [B]
-    ends = xp.cumsum(used)
-    slot = xp.arange(batch * max_patches)
-    row = xp.minimum(xp.searchsorted(ends, slot, side="right"), batch - 1)
-    source = row * max_patches + slot - (ends - used)[row]
-    real = slot < ends[-1]
-    flat = pixel_values.reshape(batch * max_patches, dim)
-    compact = xp.where(real[:, None], flat[xp.where(real, source, 0)], 0).astype(flat.dtype)
-    padding = batch * max_patches - ends[-1]
-    # Padding is whole merge blocks (P and every image are), so pad / merge tiles into blocks too.
-    some = xp.minimum(padding, 1)
-    filler = xp.stack([some, merge_size * some, padding // merge_size])
-    grid = xp.concatenate([image_grid_thw.reshape(-1, 3),
-                           filler[None].astype(image_grid_thw.dtype)])
-    return compact, grid
+def make_mm_eval_batches(corpus: MMPackedCorpus, *, batch_size: int, max_batches: int | None = None,
+                         process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """The first rows in corpus order as fixed batches (MM_ROW_KEYS, [batch_size // process_count,
+    ...]); the last batch is topped up with rows from the start whose loss_mask is 0, so every
+    batch has one shape. Hosts split each batch as the train iterator does."""
+    per_host = _per_host_batch_size(batch_size, process_count)
+    num_batches = -(-corpus.num_rows // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    batches = []
+    for index in range(num_batches):
+        start = index * batch_size + process_index * per_host
+        rows = []
+        for position in range(start, start + per_host):
+            row = corpus.row(position % corpus.num_rows)
+            if position >= corpus.num_rows:  # a filler: seen by the model, never scored
+                row["loss_mask"] = np.zeros_like(row["loss_mask"])
+            rows.append(row)
+        batches.append({key: np.stack([row[key] for row in rows]) for key in MM_ROW_KEYS})
+    return batches

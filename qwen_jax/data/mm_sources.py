@@ -1,4 +1,5 @@
-"""Image-text documents: a JSONL reader that skips and counts bad records; offline digits.
+"""Image-text documents: JSONL and ArrayRecord readers that skip and count bad records; offline
+digits and photos.
 
 A document (`ImageTextRecord`) is text segments and preprocessed images in reading order. The
 packing step tokenises the text and puts `<vision_start> <image_pad> x n <vision_end>` where each
@@ -10,14 +11,21 @@ absolute). Two forms:
     {"text": "A cat on a mat.", "images": ["cat.png"]}   images first, then the text (a caption)
     {"parts": [{"text": "See:"}, {"image": "a.png"}, {"text": "and"}, {"image": "b.png"}]}
 
+An ArrayRecord file holds the same JSON objects, one per record (UTF-8 bytes); there an image may
+also be the encoded file itself, {"image_bytes": "<base64 of the PNG/JPEG bytes>"}, so a shard
+needs no folder beside it (`write_image_text_array_record` writes either form).
+
 A bad record is skipped whole (its text may refer to the missing image) and counted under one
 reason of `SKIP_REASONS`, the first found; with strict=True the first one raises instead.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -28,8 +36,8 @@ from qwen_jax.data.images import ImageError, ImageProcessorConfig, ProcessedImag
 
 SKIP_REASONS = {
     "bad_json": "the line is not a UTF-8 JSON object",
-    "missing_field": "no 'parts' and no 'text', or a part with neither 'text' nor 'image'",
-    "bad_field": "a field of the wrong type, or a part with both 'text' and 'image'",
+    "missing_field": "no 'parts' and no 'text', or a part with no 'text', 'image' or 'image_bytes'",
+    "bad_field": "a field of the wrong type (or bad base64), or a part of two kinds at once",
     "empty_document": "no text but whitespace: nothing to learn from",
     "missing_image": "an image file does not exist",
     "corrupt_image": "an image file does not decode",
@@ -65,16 +73,19 @@ class _Skip(Exception):
         self.detail = detail
 
 
+PART_KINDS = ("text", "image", "image_bytes")
+
+
 def _text_or_image(part) -> tuple[str, str]:
-    """("text", str) or ("image", path) of one {"text": ...} / {"image": ...} part."""
+    """(kind, str) of one {"text": ...} / {"image": path} / {"image_bytes": base64} part."""
     if not isinstance(part, dict):
         raise _Skip("bad_field", f"a part is {type(part).__name__}, not an object")
-    kinds = part.keys() & {"text", "image"}
+    kinds = [kind for kind in PART_KINDS if kind in part]
     if not kinds:
-        raise _Skip("missing_field", f"a part has neither 'text' nor 'image': {sorted(part)}")
-    if len(kinds) == 2:
-        raise _Skip("bad_field", "a part has both 'text' and 'image'")
-    kind = kinds.pop()
+        raise _Skip("missing_field", f"a part has none of {list(PART_KINDS)}: {sorted(part)}")
+    if len(kinds) > 1:
+        raise _Skip("bad_field", f"a part has {' and '.join(map(repr, kinds))}")
+    kind = kinds[0]
     if not isinstance(part[kind], str):
         raise _Skip("bad_field", f"'{kind}' is {type(part[kind]).__name__}, not a string")
     return kind, part[kind]
@@ -97,29 +108,43 @@ def _parts_of(document) -> list[tuple[str, str]]:
         _text_or_image({"text": document["text"]})]
 
 
-def _load_image(path: Path, config: ImageProcessorConfig, min_image_side: int) -> ProcessedImage:
-    """Decode and preprocess one image file, or raise _Skip with the reason."""
-    if not path.is_file():
-        raise _Skip("missing_image", f"{path} does not exist")
+def _image_file(kind: str, value: str, folder: Path) -> tuple[Path | io.BytesIO, str]:
+    """An image part -> (what PIL opens, its name in messages); raise _Skip if it cannot exist."""
+    if kind == "image":
+        path = folder / value
+        if not path.is_file():
+            raise _Skip("missing_image", f"{path} does not exist")
+        return path, str(path)
     try:
-        with Image.open(path) as image:
+        return io.BytesIO(base64.b64decode(value, validate=True)), "image_bytes"
+    except binascii.Error as error:
+        raise _Skip("bad_field", f"'image_bytes' is not base64: {error}") from None
+
+
+def _load_image(kind: str, value: str, folder: Path, config: ImageProcessorConfig,
+                min_image_side: int) -> ProcessedImage:
+    """Decode and preprocess one image (a file or its bytes), or raise _Skip with the reason."""
+    file, name = _image_file(kind, value, folder)
+    try:
+        with Image.open(file) as image:
             image.load()  # decode now: a truncated file only fails here
     except Image.DecompressionBombError as error:
-        raise _Skip("image_too_large", f"{path}: {error}") from None
+        raise _Skip("image_too_large", f"{name}: {error}") from None
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, ...: any file may
-        raise _Skip("corrupt_image", f"{path}: {type(error).__name__}: {error}") from None
+        raise _Skip("corrupt_image", f"{name}: {type(error).__name__}: {error}") from None
     if min(image.size) < min_image_side:
-        raise _Skip("image_too_small", f"{path} is {image.width}x{image.height} pixels, a side is "
+        raise _Skip("image_too_small", f"{name} is {image.width}x{image.height} pixels, a side is "
                     f"below min_image_side={min_image_side}")
     try:
-        return preprocess_image(image, config, name=str(path))
+        return preprocess_image(image, config, name=name)
     except ImageError as error:
         raise _Skip(error.reason, str(error)) from None
 
 
 def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig, min_image_side: int,
                   where: str) -> ImageTextRecord:
-    """One JSONL line -> a record with its images preprocessed, or raise _Skip."""
+    """One JSON object (a JSONL line or an ArrayRecord record) -> a record with its images
+    preprocessed, or raise _Skip."""
     try:
         document = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -129,9 +154,24 @@ def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig, min_i
     if not any(kind == "text" and value.strip() for kind, value in parts):
         raise _Skip("empty_document", "no text but whitespace")
     return ImageTextRecord(
-        parts=tuple(value if kind == "text" else _load_image(folder / value, config, min_image_side)
+        parts=tuple(value if kind == "text" else _load_image(kind, value, folder, config,
+                                                             min_image_side)
                     for kind, value in parts),
         source=where)
+
+
+def _read_records(lines, folder: Path, config: ImageProcessorConfig, strict: bool,
+                  min_image_side: int) -> tuple[list[ImageTextRecord], dict[str, int]]:
+    """(where, JSON bytes) pairs -> the usable records and the skip counts (strict: raise)."""
+    records, skipped = [], collections.Counter()
+    for where, line in lines:
+        try:
+            records.append(_parse_record(line, folder, config, min_image_side, where))
+        except _Skip as skip:
+            if strict:
+                raise ValueError(f"{where}: {skip.reason}: {skip.detail}") from None
+            skipped[skip.reason] += 1
+    return records, dict(sorted(skipped.items()))
 
 
 def load_image_text_jsonl(path: str | Path, config: ImageProcessorConfig, *, strict: bool = False,
@@ -144,19 +184,41 @@ def load_image_text_jsonl(path: str | Path, config: ImageProcessorConfig, *, str
     on the first bad record instead of skipping it.
     """
     path = Path(path)
-    records, skipped = [], collections.Counter()
-    with open(path, "rb") as lines:  # bytes: one line that is not UTF-8 must not stop the file
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue  # blank lines hold no record; a trailing one is common
-            where = f"{path}:{line_number}"
-            try:
-                records.append(_parse_record(line, path.parent, config, min_image_side, where))
-            except _Skip as skip:
-                if strict:
-                    raise ValueError(f"{where}: {skip.reason}: {skip.detail}") from None
-                skipped[skip.reason] += 1
-    return records, dict(sorted(skipped.items()))
+    with open(path, "rb") as file:  # bytes: one line that is not UTF-8 must not stop the file
+        # Blank lines hold no record; a trailing one is common.
+        lines = [(f"{path}:{number}", line) for number, line in enumerate(file, start=1)
+                 if line.strip()]
+    return _read_records(lines, path.parent, config, strict, min_image_side)
+
+
+def load_image_text_array_record(path: str | Path, config: ImageProcessorConfig, *,
+                                 strict: bool = False, min_image_side: int = MIN_IMAGE_SIDE
+                                 ) -> tuple[list[ImageTextRecord], dict[str, int]]:
+    """As `load_image_text_jsonl`, for an ArrayRecord file of JSON records ("<file>[<index>]" in
+    messages); image paths are relative to the file's folder."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    reader = ArrayRecordReader(str(path))
+    try:
+        lines = [(f"{path}[{index}]", record) for index, record in enumerate(reader.read_all())]
+    finally:
+        reader.close()
+    return _read_records(lines, path.parent, config, strict, min_image_side)
+
+
+def write_image_text_array_record(path: str | Path, documents: list[dict]) -> None:
+    """Write JSON documents (the schema above) as an ArrayRecord file, one record each."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    try:
+        for document in documents:
+            writer.write(json.dumps(document).encode("utf-8"))
+    finally:
+        writer.close()
 
 
 def _digit_image(ink: np.ndarray, upscale: int) -> np.ndarray:
@@ -182,3 +244,19 @@ def digits_image_text_records(config: ImageProcessorConfig, *, upscale: int = DI
                                    f"A handwritten digit {label}."),
                             source=f"sklearn digits[{index}]")
             for index, (ink, label) in enumerate(zip(digits.images[:limit], digits.target[:limit]))]
+
+
+# scikit-learn's two sample photos (its `load_sample_images`), with what they show.
+PHOTO_CAPTIONS = {"china.jpg": "A photo of a Chinese temple among trees.",
+                  "flower.jpg": "A photo of a pink flower."}
+
+
+def sample_photo_records(config: ImageProcessorConfig) -> list[ImageTextRecord]:
+    """The two 427x640 colour photos that ship inside scikit-learn, each with a caption."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    return [ImageTextRecord(parts=(preprocess_image(pixels, config, name=name),
+                                   PHOTO_CAPTIONS[name]),
+                            source=f"sklearn sample_images/{name}")
+            for pixels, name in zip(photos.images, (Path(f).name for f in photos.filenames))]

@@ -13,15 +13,17 @@ PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)  # in id order: eos is 0, pad is 1
 
 
-def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE (GPT-2 pre-split, no normaliser so decode(encode(x)) == x) of `vocab_size` ids."""
+def train_bpe_tokenizer(texts: list[str], vocab_size: int,
+                        extra_special_tokens: tuple[str, ...] = ()) -> Tokenizer:
+    """Byte-level BPE (GPT-2 pre-split, no normaliser so decode(encode(x)) == x) of `vocab_size`
+    ids; `extra_special_tokens` (e.g. the vision tokens) take ids right after eos and pad."""
     tokenizer = Tokenizer(models.BPE())
     # No prefix space: a document's first word encodes as written, keeping the round trip exact.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
         # All 256 byte symbols, seen or not, so any text encodes without an unknown token.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -30,12 +32,13 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_or_train_tokenizer(path: Path, texts: list[str], vocab_size: int) -> Tokenizer:
+def load_or_train_tokenizer(path: Path, texts: list[str], vocab_size: int,
+                            extra_special_tokens: tuple[str, ...] = ()) -> Tokenizer:
     """Load `path` if it exists, else train on `texts` and save it there atomically (tmp + rename)."""
     path = Path(path)
     if path.exists():
         return Tokenizer.from_file(str(path))
-    tokenizer = train_bpe_tokenizer(texts, vocab_size)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size, extra_special_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A crash mid-write must not leave a truncated tokenizer.json that a resumed run would load.
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False,

@@ -49,8 +49,14 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarra
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seeds: int | Sequence[int] = 0,
              stop_ids: Sequence[int] = (), pad_id: int = 0, cache: Cache | None = None,
-             max_length: int | None = None, mesh=None, rules=DEFAULT_RULES) -> Generation:
+             max_length: int | None = None, mesh=None, rules=DEFAULT_RULES, pixel_values=None,
+             image_grid_thw=None) -> Generation:
     """Sample up to max_new_tokens after each prompt (token lists of any lengths).
+
+    Prompts with images hold each image's `<vision_start> <image_pad> x n <vision_end>` block, and
+    pixel_values [num_patches, D] / image_grid_thw [num_images, 3] give the images in the order of
+    those blocks, row after row (HF's layout); the prefill embeds them and sets 3-D positions, and
+    the new tokens continue from the largest position + 1, as HF's rope deltas do.
 
     With `cache` (an earlier Generation's), the prompts are appended to those rows (an environment's
     reply, say) and nothing before them is recomputed. max_length (prompt + new tokens, default just
@@ -74,26 +80,29 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    images = None if pixel_values is None else (jnp.asarray(pixel_values),
+                                                jnp.asarray(image_grid_thw, jnp.int32))
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(segments), cache, keys,
-                     jnp.asarray(list(stop_ids) or [-1], jnp.int32), max_new_tokens=max_new_tokens,
+                     jnp.asarray(list(stop_ids) or [-1], jnp.int32), images,
+                     max_new_tokens=max_new_tokens,
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=pad_id,
                      mesh=mesh, rules=hashable_rules(rules))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
                                               "top_p", "pad_id", "mesh", "rules"))
-def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, *, max_new_tokens, temperature,
-              top_k, top_p, pad_id, mesh, rules):
+def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, images, *, max_new_tokens,
+              temperature, top_k, top_p, pad_id, mesh, rules):
     """Prefill, then the while_loop of sample-and-feed steps."""
     # Entered while tracing, so the sharding constraints are part of this compiled program.
     with contextlib.nullcontext() if mesh is None else activation_sharding(mesh, rules):
-        return _decode(nnx.merge(graphdef, state), ids, segments, cache, keys, stop_ids,
+        return _decode(nnx.merge(graphdef, state), ids, segments, cache, keys, stop_ids, images,
                        max_new_tokens, temperature, top_k, top_p, pad_id)
 
 
-def _decode(model, ids, segments, cache, keys, stop_ids, max_new_tokens, temperature, top_k, top_p,
-            pad_id):
+def _decode(model, ids, segments, cache, keys, stop_ids, images, max_new_tokens, temperature, top_k,
+            top_p, pad_id):
     batch = ids.shape[0]
     moe = model.config.is_moe
     routing = None
@@ -101,14 +110,15 @@ def _decode(model, ids, segments, cache, keys, stop_ids, max_new_tokens, tempera
         routing = jnp.zeros((model.config.num_hidden_layers, batch, cache.max_length,
                              model.config.num_experts_per_tok), jnp.int32)
 
-    def forward(tokens, token_segments, cache, routing):
+    def forward(tokens, token_segments, cache, routing, images=None):
         start = cache.index
-        out = model(tokens, segment_ids=token_segments, cache=cache)
+        pixels = {} if images is None else dict(zip(("pixel_values", "image_grid_thw"), images))
+        out = model(tokens, segment_ids=token_segments, cache=cache, **pixels)
         if moe:
             routing = jax.lax.dynamic_update_slice(routing, out.routing, (0, 0, start, 0))
         return out, routing
 
-    out, routing = forward(ids, segments, cache, routing)
+    out, routing = forward(ids, segments, cache, routing, images)
     last = jnp.sum(segments, axis=1) - 1  # each row's last prompt token
     # Logits of that token only: the prefill's [B, T, V] logits are never used, so XLA drops them.
     logits = model.logits(jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0])

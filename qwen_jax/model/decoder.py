@@ -187,6 +187,8 @@ class Qwen35ForCausalLM(nnx.Module):
         pixel_values [num_patches, C * t * p * p] with image_grid_thw int [num_images, 3] (and the
         same for videos): the vision tower's outputs replace the image (video) tokens in order, and
         positions=None gives HF's 3-D (t, h, w) positions. A grid without pixels still sets positions.
+        Per-row pixel_values [B, P, D] with image_grid_thw [B, I, 3] (the packed pipeline's batch,
+        zero grids after the real ones) embed each row's images into that row; positions required.
         routing int32 [L, B, T, k] (an earlier `out.routing`) replays those experts in every MoE layer.
         cache (from `init_cache`, or an earlier `out.cache`) continues its rows with these T tokens
         and comes back updated in `out.cache`; segment ids may then only mark left padding (0).
@@ -202,7 +204,8 @@ class Qwen35ForCausalLM(nnx.Module):
             if not cfg.is_moe or routing.shape != expected:
                 raise ValueError(f"routing shape {routing.shape} must be [layers, batch, length, top_k] "
                                  f"= {expected if cfg.is_moe else 'None: this model has no experts'}")
-        check_vision_arguments(cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        check_vision_arguments(cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                               positions)
         token_mask = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids > 0
         vision_positions = positions is None and (image_grid_thw is not None or video_grid_thw is not None)
         if vision_positions:

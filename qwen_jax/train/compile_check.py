@@ -18,7 +18,7 @@ from qwen_jax.experiment import model_config, train_config
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.train.checkpoint import abstract_like
 from qwen_jax.train.loop import rules_from_config
-from qwen_jax.train.step import BATCH_KEYS, make_trainer
+from qwen_jax.train.step import make_trainer
 
 # HBM per chip as the spec sheets give it (GB).
 HBM_PER_CHIP = {"v4": 32e9, "v5e": 16e9, "v5litepod": 16e9, "v5p": 95e9, "v6e": 32e9}
@@ -89,7 +89,8 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Comp
     state = abstract_like(jax.eval_shape(lambda: trainer.init_state(config.seed)), trainer.state_shardings)
     batch = {key: jax.ShapeDtypeStruct((train_cfg.batch_size, train_cfg.seq_len),
                                        jnp.float32 if key == "loss_mask" else jnp.int32,
-                                       sharding=trainer.batch_sharding) for key in BATCH_KEYS}
+                                       sharding=sharding)
+             for key, sharding in trainer.batch_shardings.items()}
     report = dict(topology=topology, devices=len(devices), mesh=dict(mesh.shape),
                   hbm=HBM_PER_CHIP[topology.split(":")[0]])
     try:

@@ -1,8 +1,8 @@
-"""`qwen-jax train`: config -> mesh -> state (fresh, resumed or init_from) -> data -> steps -> checkpoints."""
+"""`qwen-jax train`: config -> data -> mesh and state (fresh, resumed or init_from) -> steps -> checkpoints."""
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,13 +12,11 @@ import ml_collections
 from flax import nnx
 
 from qwen_jax.config import ConfigError
-from qwen_jax.data import (
-    load_or_train_tokenizer, make_eval_batches, make_train_iterator, pack_corpus, python_docs_corpus,
-    split_documents)
 from qwen_jax.experiment import model_config, train_config
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.checkpoint import Checkpointer, abstract_like
+from qwen_jax.train.datasets import build_run_data
 from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.reporting import WANDB_MODES, RunLogger
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token
@@ -77,8 +75,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     check_run_fields(config)
     model_cfg, train_cfg = model_config(config), train_config(config)
     mesh = make_mesh(dict(config.mesh))
-    trainer = make_trainer(model_cfg, train_cfg, mesh, rules_from_config(config))
     workdir.mkdir(parents=True, exist_ok=True)
+    data = build_run_data(config, workdir, model_cfg, train_cfg,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    model_cfg = data.model_config  # with the tokenizer's vision token ids
+    trainer = make_trainer(model_cfg, train_cfg, mesh, rules_from_config(config),
+                           images=data.images)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
 
     abstract_state = abstract_like(jax.eval_shape(lambda: trainer.init_state(config.seed)), trainer.state_shardings)
@@ -86,27 +88,16 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     if restored is not None:
         start, state, data_state, _ = restored
         print(f"resumed from step {start}", flush=True)
+        data.iterator.set_state(data_state)
     else:
-        start, data_state = 0, None
+        start = 0
         params = _init_params(config.init_from, trainer, abstract_state) if config.init_from else None
         state = trainer.init_state(config.seed, params)
-
-    documents = python_docs_corpus()
-    train_docs, held_out_docs = split_documents(documents, seed=0)
-    tokenizer = load_or_train_tokenizer(workdir / "tokenizer.json", train_docs, model_cfg.vocab_size)
-    train_corpus = pack_corpus(tokenizer, train_docs, seq_len=train_cfg.seq_len)
-    eval_corpus = pack_corpus(tokenizer, held_out_docs, seq_len=train_cfg.seq_len)
-    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    iterator = make_train_iterator(train_corpus, global_batch_size=train_cfg.batch_size,
-                                   seed=config.seed, **hosts)
-    if data_state is not None:
-        iterator.set_state(data_state)
-    eval_batches = make_eval_batches(eval_corpus, batch_size=train_cfg.batch_size,
-                                     max_batches=train_cfg.eval_batches, **hosts)
-    skipped = dict(collections.Counter(train_corpus.skipped) + collections.Counter(eval_corpus.skipped))
+    iterator, eval_batches, skipped = data.iterator, data.eval_batches, data.skipped
 
     if jax.process_index() == 0:
-        resolved = {"config": config.to_dict(), "model": model_cfg.__dict__, "train": train_cfg.__dict__}
+        resolved = {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
+                    "train": dataclasses.asdict(train_cfg)}
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=list))
     logger = RunLogger(workdir, config, resume_step=start if restored else None,
                        total_steps=train_cfg.steps)
@@ -133,6 +124,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         if int(metrics["learning/bad_streak"]) >= train_cfg.max_bad_steps:
             checkpointer.wait()
             logger.close()
+            data.close()
             raise TrainingError(
                 f"stopping at step {done}: {int(metrics['learning/bad_streak'])} consecutive steps had a "
                 f"non-finite loss or gradient (train.max_bad_steps={train_cfg.max_bad_steps}); the "
@@ -141,6 +133,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
             checkpointer.save(done, state, iterator.get_state(), {"step": done, "tokens": done * tokens_per_step})
     checkpointer.wait()
     checkpointer.close()
+    data.close()
     return logger.close()
 
 

@@ -11,13 +11,19 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwen_jax.config import ModelConfig, TrainConfig
+from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 from qwen_jax.ops.cross_entropy import chunked_cross_entropy
 from qwen_jax.parallel.rules import activation_sharding, hashable_rules, param_shardings, spec_for
 from qwen_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
-BATCH_KEYS = ("input_ids", "targets", "segment_ids", "loss_mask")
+# Logical axes of each batch array: rows over the batch axes, each row's tokens over `context`.
+TEXT_BATCH_AXES = {key: ("batch", "length")
+                   for key in ("input_ids", "targets", "segment_ids", "loss_mask")}
+IMAGE_BATCH_AXES = {**TEXT_BATCH_AXES,
+                    "positions": ("batch", None, "length"),  # [B, 3, T]
+                    "pixel_values": ("batch", None, None),  # [B, P, D]
+                    "image_grid_thw": ("batch", None, None)}  # [B, I, 3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Trainer:
     graphdef: Any
     optimizer: optax.GradientTransformation
     state_shardings: Any
-    batch_sharding: NamedSharding
+    batch_shardings: dict[str, NamedSharding]
     step_fn: Any
     eval_fn: Any
 
@@ -45,9 +51,10 @@ class Trainer:
         return jax.jit(build, out_shardings=self.state_shardings)(params)
 
     def global_batch(self, local_batch: dict) -> dict:
-        """This host's rows [b, T] -> global arrays [B, T] sharded over the batch axes (and T over context)."""
-        return {key: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[key])
-                for key in BATCH_KEYS}
+        """This host's rows [b, T, ...] -> global arrays [B, T, ...] sharded over the batch axes
+        (and T over context); keys the step does not read are dropped."""
+        return {key: jax.make_array_from_process_local_data(sharding, local_batch[key])
+                for key, sharding in self.batch_shardings.items()}
 
 
 def new_state(params, optimizer, seed: int) -> dict:
@@ -80,10 +87,20 @@ def state_shardings_for(params, optimizer, mesh: Mesh, rules):
             "skipped_steps": replicated, "bad_streak": replicated}
 
 
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword inputs for a batch: segment ids, and with images the packed 3-D
+    positions and the per-row images (each row embeds its own, on the device holding the row)."""
+    inputs = {"segment_ids": batch["segment_ids"]}
+    if "pixel_values" in batch:
+        inputs.update(positions=jnp.moveaxis(batch["positions"], 1, 0),
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    return inputs
+
+
 def loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, token_count: jax.Array):
     """Masked mean CE (+ z-loss, + MoE aux) of one micro-batch, normalised by the global token count."""
     model = nnx.merge(graphdef, params)
-    out = model(batch["input_ids"], segment_ids=batch["segment_ids"])
+    out = model(batch["input_ids"], **model_inputs(batch))
     ce_sum, z_sum = chunked_cross_entropy(
         out.hidden, model.head_weight(), batch["targets"], batch["loss_mask"],
         chunk_size=cfg.ce_chunk, z_loss_weight=cfg.z_loss, compute_dtype=out.hidden.dtype)
@@ -138,15 +155,21 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
     return new, metrics
 
 
-def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, rules) -> Trainer:
-    """Build the optimizer, shardings and the jitted step for this model on this mesh."""
+def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, rules, *,
+                 images: bool = False) -> Trainer:
+    """Build the optimizer, shardings and the jitted step for this model on this mesh; with
+    `images`, batches are the image-text pipeline's (IMAGE_BATCH_AXES)."""
+    if images and model_config.vision is None:
+        raise ConfigError("image-text batches need a model with a vision tower (model.vision)")
     rules = hashable_rules(rules)
     graphdef, params = abstract_params(model_config)
     optimizer = make_optimizer(train_config)
     shardings = state_shardings_for(params, optimizer, mesh, rules)
-    # Rows over the batch axes, and each row's tokens over `context` (contiguous shards).
-    batch_sharding = NamedSharding(
-        mesh, spec_for(("batch", "length"), (train_config.batch_size, train_config.seq_len), mesh, rules))
+    # Only the batch and length dims are ever sharded: the others' sizes do not matter here.
+    sizes = {"batch": train_config.batch_size, "length": train_config.seq_len, None: 1}
+    batch_shardings = {
+        key: NamedSharding(mesh, spec_for(axes, [sizes[axis] for axis in axes], mesh, rules))
+        for key, axes in (IMAGE_BATCH_AXES if images else TEXT_BATCH_AXES).items()}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(state, batch):
@@ -160,9 +183,9 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
                                count)
         return parts["ce"] * count, count
 
-    step_fn = jax.jit(step, in_shardings=(shardings, batch_sharding),
+    step_fn = jax.jit(step, in_shardings=(shardings, batch_shardings),
                       out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding),
+    eval_fn = jax.jit(evaluate, in_shardings=(shardings["params"], batch_shardings),
                       out_shardings=replicated)
     return Trainer(model_config, train_config, mesh, rules, graphdef, optimizer, shardings,
-                   batch_sharding, step_fn, eval_fn)
+                   batch_shardings, step_fn, eval_fn)

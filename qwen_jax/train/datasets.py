@@ -1,0 +1,150 @@
+"""A run's data, per config.data: the default text corpus, or that text mixed with images (early
+fusion: digits, sklearn's photos, JSONL and ArrayRecord files) into one packed stream."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from tokenizers import Tokenizer
+
+from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
+from qwen_jax.data import (
+    VISION_TOKENS,
+    ImageProcessorConfig,
+    MMBatchIterator,
+    add_vision_tokens,
+    digits_image_text_records,
+    load_image_text_array_record,
+    load_image_text_jsonl,
+    load_or_train_tokenizer,
+    make_eval_batches,
+    make_mm_eval_batches,
+    make_mm_train_iterator,
+    make_train_iterator,
+    pack_corpus,
+    pack_mm_corpus,
+    python_docs_corpus,
+    sample_photo_records,
+    split_documents,
+)
+
+DATA_KINDS = ("text", "image_text")
+BUILT_IN_IMAGES = ("digits", "photos")
+EVAL_IMAGE_SHARE = 0.05  # of the image records, held out like the text documents
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """config.data's fields and defaults (a config file may leave the section out: text)."""
+    return ml_collections.ConfigDict({
+        "kind": "text",
+        # image_text only: built-in names or .jsonl / .array_record files.
+        "image_sources": ["digits", "photos"],
+        "image_weight": 0.5,  # share of rows drawn from the image-text records
+        "max_patches": 256,  # image patches per row (a multiple of spatial_merge_size^2)
+        "min_pixels": 32 * 32,
+        "max_pixels": 64 * 64,
+        "workers": 0,  # Grain worker processes building rows
+        "strict": False,  # stop at the first bad record instead of skipping and counting it
+    })
+
+
+@dataclasses.dataclass
+class RunData:
+    """The model config (vision token ids set for image_text), the resumable train iterator,
+    fixed eval batches, the tokenizer, skipped records by reason, and whether batches hold images."""
+
+    model_config: ModelConfig
+    iterator: Any  # next() -> batch; get_state() / set_state()
+    eval_batches: list[dict]
+    tokenizer: Tokenizer
+    skipped: dict[str, int]
+    images: bool = False
+
+    def close(self) -> None:
+        """Stop the pipeline's worker processes, if it has any."""
+        if isinstance(self.iterator, MMBatchIterator):
+            self.iterator.close()
+
+
+def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.data over the defaults, checked; an unknown field or kind is named."""
+    merged = default_data_config()
+    given = config.get("data") or {}
+    unknown = sorted(set(given) - set(merged))
+    if unknown:
+        raise ConfigError(f"config.data has unknown field(s) {unknown}; known: {sorted(merged)}")
+    merged.update(dict(given))
+    if merged.kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind is {merged.kind!r}; choose one of {DATA_KINDS}")
+    if not 0 < merged.image_weight < 1:
+        raise ConfigError(f"data.image_weight must be in (0, 1), got {merged.image_weight}")
+    return merged
+
+
+def load_image_records(sources, images: ImageProcessorConfig, strict: bool):
+    """Records of every image source in order, and the skipped counts of the files."""
+    records, skipped = [], collections.Counter()
+    for source in sources:
+        if source == "digits":
+            records += digits_image_text_records(images)
+        elif source == "photos":
+            records += sample_photo_records(images)
+        elif source.endswith((".jsonl", ".array_record")):
+            load = load_image_text_jsonl if source.endswith(".jsonl") else load_image_text_array_record
+            loaded, counts = load(Path(source), images, strict=strict)
+            records += loaded
+            skipped.update(counts)
+        else:
+            raise ConfigError(f"data.image_sources entry {source!r} is neither one of "
+                              f"{BUILT_IN_IMAGES} nor a .jsonl / .array_record file")
+    return records, skipped
+
+
+def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: ModelConfig,
+                   train_cfg: TrainConfig, *, process_index: int, process_count: int) -> RunData:
+    """Tokenizer (trained once, kept in workdir), packed corpora, iterator and eval batches."""
+    data = data_config(config)
+    hosts = dict(process_index=process_index, process_count=process_count)
+    train_docs, held_out_docs = split_documents(python_docs_corpus(), seed=0)
+    images = data.kind == "image_text"
+    # The vision tokens are special tokens of the run's own tokenizer, inside the model's vocab.
+    tokenizer = load_or_train_tokenizer(
+        workdir / "tokenizer.json", train_docs, model_cfg.vocab_size,
+        tuple(VISION_TOKENS.values()) if images else ())
+    if not images:
+        train = pack_corpus(tokenizer, train_docs, seq_len=train_cfg.seq_len)
+        held_out = pack_corpus(tokenizer, held_out_docs, seq_len=train_cfg.seq_len)
+        iterator = make_train_iterator(train, global_batch_size=train_cfg.batch_size,
+                                       seed=config.seed, **hosts)
+        eval_batches = make_eval_batches(held_out, batch_size=train_cfg.batch_size,
+                                         max_batches=train_cfg.eval_batches, **hosts)
+        skipped = collections.Counter(train.skipped) + collections.Counter(held_out.skipped)
+        return RunData(model_cfg, iterator, eval_batches, tokenizer, dict(skipped))
+
+    if model_cfg.vision is None:
+        raise ConfigError("data.kind 'image_text' needs a vision tower: set model.vision "
+                          "(e.g. 'tiny')")
+    model_cfg = model_cfg.replace(**add_vision_tokens(tokenizer))
+    records, skipped = load_image_records(
+        data.image_sources, ImageProcessorConfig(min_pixels=data.min_pixels,
+                                                 max_pixels=data.max_pixels), data.strict)
+    held = max(1, int(len(records) * EVAL_IMAGE_SHARE))
+    pack = dict(config=model_cfg, seq_len=train_cfg.seq_len, max_patches=data.max_patches,
+                strict=data.strict)
+    corpora = {"text": pack_mm_corpus(tokenizer, train_docs, **pack),
+               "images": pack_mm_corpus(tokenizer, records[held:], **pack)}
+    # Held out: text and images both, in one corpus, so eval/loss scores both.
+    held_out = pack_mm_corpus(tokenizer, records[:held] + held_out_docs, **pack)
+    iterator = make_mm_train_iterator(
+        corpora, global_batch_size=train_cfg.batch_size, seed=config.seed,
+        weights={"text": 1 - data.image_weight, "images": data.image_weight},
+        worker_count=data.workers, **hosts)
+    eval_batches = make_mm_eval_batches(held_out, batch_size=train_cfg.batch_size,
+                                        max_batches=train_cfg.eval_batches, **hosts)
+    for corpus in (*corpora.values(), held_out):
+        skipped.update(corpus.skipped)
+    return RunData(model_cfg, iterator, eval_batches, tokenizer, dict(skipped), images=True)
