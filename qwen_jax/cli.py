@@ -1,4 +1,4 @@
-"""`qwen-jax <command>`: train, generate, compile, info, convert, bench (rl lands with its issue)."""
+"""`qwen-jax <command>`: train, rl, generate, compile, info, convert, bench."""
 
 from __future__ import annotations
 
@@ -50,6 +50,21 @@ def cmd_train(args, overrides) -> None:
         held_out = f", held-out loss {last['eval/loss']:.3f}" if "eval/loss" in last else ""
         print(f"step {last['step']}: loss {last['learning/loss']:.3f}{held_out}; "
               f"curve in {args.workdir}/loss.png")
+
+
+def cmd_rl(args, overrides) -> None:
+    """RL-train (or resume) per --config in --workdir."""
+    from qwen_jax.experiment import load_config
+    from qwen_jax.rl.loop import run_rl
+
+    rows = run_rl(load_config(args.config, overrides), args.workdir)
+    if rows:
+        first, last = rows[0], rows[-1]
+        accuracy = [f"{name} {row[key]:.3f}" for name, row, key in (
+            ("held-out accuracy before RL", first, "eval/accuracy_before_rl"),
+            ("after", last, "eval/accuracy")) if key in row]
+        print(f"step {last['step']}: mean reward {last['rewards/mean']:.3f}"
+              f"{'; ' + ', '.join(accuracy) if accuracy else ''}; curve in {args.workdir}/reward.png")
 
 
 def cmd_compile(args, overrides) -> None:
@@ -158,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True)
     train.add_argument("--workdir", required=True)
     train.set_defaults(run=cmd_train)
+
+    rl = commands.add_parser("rl", help="RL fine-tuning against parallel environments; resumes")
+    rl.add_argument("--config", required=True)
+    rl.add_argument("--workdir", required=True)
+    rl.set_defaults(run=cmd_rl)
 
     compile_ = commands.add_parser("compile", help="compile the train step for a TPU topology (libtpu)")
     compile_.add_argument("--config", required=True)

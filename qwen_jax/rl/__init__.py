@@ -1,0 +1,1 @@
+"""RL fine-tuning of language models: the GRPO/PPO family."""

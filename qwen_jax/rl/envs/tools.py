@@ -1,0 +1,146 @@
+"""A multi-turn tool-use task: a word problem, a calculator or Python tool, then an answer.
+
+Protocol of ToolUseEnv (the prompt from `reset` spells it out to the model):
+- Each `step` is one turn; the action is text, and its first `<tool>...</tool>` or
+  `<answer>...</answer>` (whichever starts first) decides the turn.
+- `<tool>EXPRESSION</tool>` (calculator) or `<tool>CODE</tool>` (python): the env runs the tool and
+  returns observation "<result>OUTPUT</result>", reward 0.0, done=False.
+- `<answer>N</answer>`: done=True; reward 1.0 if N starts with the right integer (same rule as
+  ArithmeticEnv: "42", " 42 apples"), else 0.0.
+- An action with neither tag gets "<result>error: ...</result>" back and costs its turn.
+- The max_turns-th action must be the answer: if it is not, the episode ends (done=True) with
+  reward 0.0 and info["outcome"] = "out of turns".
+info: "expected", "expression" (a calculator expression for the answer), "turn", "outcome" at
+the end ("correct" | "wrong answer" | "out of turns").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any, Callable
+
+from qwen_jax.config import ConfigError
+from qwen_jax.rl.envs.api import register_env
+from qwen_jax.rl.envs.expressions import ExpressionError, evaluate, format_number
+from qwen_jax.rl.envs.sandbox import run_python
+from qwen_jax.rl.envs.tasks import leading_integer
+
+_FIRST_TAG = re.compile(r"<(tool|answer)>(.*?)</\1>", re.DOTALL)
+_MAX_RESULT_CHARS = 2000
+
+
+def calculator(expression: str) -> str:
+    """The calculator tool: the exact value of + - * / ** (|exponent| <= 64) over integers and
+    decimals with parentheses, as text ("1024", "0.333333333333"), or "error: <why>"."""
+    try:
+        value = evaluate(expression, allow_power=True, allow_decimals=True, allow_unary=True).value
+    except ExpressionError as exc:
+        return f"error: {exc}"
+    return format_number(value)
+
+
+def python_tool(code: str, *, timeout_s: float = 2.0) -> str:
+    """The Python tool: what sandboxed `code` prints, with stderr's end if it failed."""
+    result = run_python(code, timeout_s=timeout_s)
+    if result.timed_out:
+        return f"{result.stdout}error: timed out after {timeout_s} s"
+    if result.exit_code != 0:
+        return f"{result.stdout}error (exit code {result.exit_code}): {result.stderr[-500:]}"
+    return result.stdout
+
+
+# Word problems: each draws its numbers and returns (problem text, answer expression). The
+# numbers make the answer a positive integer and the sums big enough that a tool helps.
+def _warehouse(rng: random.Random) -> tuple[str, str]:
+    crates, per_crate, shipped = rng.randint(20, 99), rng.randint(12, 48), rng.randint(100, 239)
+    return (f"A warehouse holds {crates} crates with {per_crate} bottles in each. {shipped} bottles "
+            "are shipped out. How many bottles are left?", f"{crates}*{per_crate}-{shipped}")
+
+
+def _train(rng: random.Random) -> tuple[str, str]:
+    speed, hours, extra = rng.randint(60, 180), rng.randint(3, 19), rng.randint(10, 999)
+    return (f"A train travels at {speed} km per hour for {hours} hours, then {extra} km more. "
+            "How many km does it travel in all?", f"{speed}*{hours}+{extra}")
+
+
+def _eggs(rng: random.Random) -> tuple[str, str]:
+    per_carton = rng.randint(6, 36)
+    eggs = per_carton * rng.randint(40, 999)
+    return (f"A farm packs {eggs} eggs into cartons of {per_carton}. How many cartons does it fill?",
+            f"{eggs}/{per_carton}")
+
+
+def _book(rng: random.Random) -> tuple[str, str]:
+    per_day, days = rng.randint(12, 60), rng.randint(5, 30)
+    pages = per_day * days + rng.randint(1, 500)
+    return (f"A book has {pages} pages. Ana reads {per_day} pages a day for {days} days. "
+            "How many pages are left?", f"{pages}-{per_day}*{days}")
+
+
+_PROBLEMS: tuple[Callable[[random.Random], tuple[str, str]], ...] = (_warehouse, _train, _eggs, _book)
+
+_TOOL_HELP = {
+    "calculator": "write <tool>EXPRESSION</tool> to use a calculator (+ - * / ** and parentheses); "
+                  "its value comes back as <result>VALUE</result>",
+    "python": "write <tool>CODE</tool> to run Python code; what it prints comes back as "
+              "<result>OUTPUT</result>",
+}
+
+
+class ToolUseEnv:
+    """Word problems solved with a calculator or Python tool over several turns (module docstring)."""
+
+    def __init__(self, tool: str = "calculator", max_turns: int = 4, python_timeout_s: float = 2.0):
+        if tool not in _TOOL_HELP:
+            raise ConfigError(f"tool must be one of {sorted(_TOOL_HELP)}, got {tool!r}")
+        if not isinstance(max_turns, int) or max_turns < 1:
+            raise ConfigError(f"max_turns must be an int >= 1, got {max_turns!r}")
+        if not python_timeout_s > 0:
+            raise ConfigError(f"python_timeout_s must be > 0, got {python_timeout_s!r}")
+        self.tool = tool
+        self.max_turns = max_turns
+        self.python_timeout_s = python_timeout_s
+        self._expected: int | None = None
+        self._turn = 0
+
+    def reset(self, seed: int) -> tuple[str, dict[str, Any]]:
+        rng = random.Random(seed)
+        problem, expression = rng.choice(_PROBLEMS)(rng)
+        self._expected = int(evaluate(expression).value)
+        self._turn = 0
+        prompt = (f"{problem}\nTo compute, {_TOOL_HELP[self.tool]}. When you know "
+                  f"the answer, write <answer>NUMBER</answer>. You have {self.max_turns} turns.")
+        return prompt, {"expected": self._expected, "expression": expression}
+
+    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        if self._expected is None:
+            raise RuntimeError("ToolUseEnv.step called without an episode: call reset")
+        if not isinstance(action, str):
+            raise TypeError(f"action must be a str, got {type(action).__name__}")
+        self._turn += 1
+        info: dict[str, Any] = {"expected": self._expected, "turn": self._turn}
+        match = _FIRST_TAG.search(action)
+        if match and match.group(1) == "answer":
+            correct = leading_integer(match.group(2)) == self._expected
+            return self._end("", float(correct), info, "correct" if correct else "wrong answer")
+        if self._turn >= self.max_turns:
+            return self._end("", 0.0, info, "out of turns")
+        if match is None:
+            output = "error: write <tool>...</tool> or <answer>...</answer>"
+        else:
+            output = self._run_tool(match.group(2))
+        return f"<result>{output[:_MAX_RESULT_CHARS]}</result>", 0.0, False, info
+
+    def _run_tool(self, text: str) -> str:
+        if self.tool == "calculator":
+            return calculator(text)
+        return python_tool(text, timeout_s=self.python_timeout_s)
+
+    def _end(self, observation: str, reward: float, info: dict[str, Any],
+             outcome: str) -> tuple[str, float, bool, dict[str, Any]]:
+        self._expected = None
+        return observation, reward, True, {**info, "outcome": outcome}
+
+
+register_env("tool_use", ToolUseEnv)

@@ -1,0 +1,76 @@
+"""The learner: the trainer's logprobs of episode tokens, and the jitted policy-gradient update.
+
+Scoring uses the sampler's temperature (INTERFACES.md: logprobs under softmax(logits / T)), so the
+trainer's logprobs of the behaviour policy equal the sampler's up to rounding; their mean gap is
+`actor/logprob_mismatch`. The ratio's denominator is the trainer's own score of the behaviour
+policy (taken before the first update of a batch), as verl and OpenRLHF do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from qwen_jax.rl.losses import PolicyLossConfig, policy_objective, token_entropy
+
+UPDATE_KEYS = ("tokens", "segment_ids", "loss_mask", "old_logprobs", "advantages")
+
+
+def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float):
+    """tokens [N, S] -> (logprobs [N, S]: log p(tokens[t] | tokens[:t]), 0 at t = 0; entropy [N, S]
+    of the distribution that sampled tokens[t])."""
+    model = nnx.merge(graphdef, params)
+    hidden = model(tokens, segment_ids=segment_ids).hidden
+    logits = model.logits(hidden[:, :-1]).astype(jnp.float32) / max(temperature, 1e-6)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
+    pad = jnp.zeros_like(logprobs[:, :1])
+    return (jnp.concatenate([pad, logprobs], axis=1),
+            jnp.concatenate([pad, token_entropy(logits)], axis=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """Jitted `score(params, tokens, segment_ids) -> logprobs` and
+    `update(state, batch) -> (state, metrics)` for one model and loss."""
+
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    loss: PolicyLossConfig
+    temperature: float
+    score: Any
+    update: Any
+
+
+def make_learner(graphdef, optimizer: optax.GradientTransformation, loss: PolicyLossConfig,
+                 temperature: float) -> Learner:
+    def score(params, tokens, segment_ids):
+        return sequence_logprobs(params, graphdef, tokens, segment_ids, temperature)[0]
+
+    def objective(params, batch):
+        logprobs, entropy = sequence_logprobs(params, graphdef, batch["tokens"],
+                                              batch["segment_ids"], temperature)
+        return policy_objective(logprobs, batch["old_logprobs"], batch["advantages"],
+                                batch["loss_mask"], loss, ref_logprobs=batch.get("ref_logprobs"),
+                                entropy=entropy)  # for actor/entropy even without the bonus
+
+    def update(state, batch):
+        (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite loss or gradient never reaches the parameters (as in pretraining).
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new = {**state, "params": keep(params, state["params"]),
+               "opt_state": keep(opt_state, state["opt_state"]), "step": state["step"] + 1,
+               "skipped_steps": state["skipped_steps"] + (~finite)}
+        return new, {**metrics, "actor/loss": value, "actor/grad_norm": grad_norm}
+
+    return Learner(graphdef, optimizer, loss, temperature, jax.jit(score),
+                   jax.jit(update, donate_argnums=0))

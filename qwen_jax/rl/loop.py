@@ -1,0 +1,226 @@
+"""`qwen-jax rl`: warm-up -> (rollout -> rewards -> advantages -> updates) x steps, resumable.
+
+Every step plays `groups` prompts `group_size` times each in the EnvPool, turns the episode rewards
+into advantages per group, scores the episodes with the current policy (the ratio's denominator),
+and takes `minibatches` optimizer steps over them; the sampler then uses the new weights. The
+prompt order, the sampling seeds and the minibatch order are functions of the step, so a resumed
+run repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from qwen_jax.config import ConfigError, TrainConfig
+from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id
+from qwen_jax.experiment import model_config
+from qwen_jax.model.decoder import Qwen35ForCausalLM
+from qwen_jax.rl.advantages import compute_advantages
+from qwen_jax.rl.envs import EnvPool, make_env
+from qwen_jax.rl.learner import Learner, make_learner
+from qwen_jax.rl.losses import PolicyLossConfig
+from qwen_jax.rl.rollout import Episodes, play_episodes
+from qwen_jax.rl.warmup import demonstrations, supervised_warmup
+from qwen_jax.train.checkpoint import Checkpointer
+from qwen_jax.train.optimizer import make_optimizer
+from qwen_jax.train.reporting import RunLogger
+from qwen_jax.train.step import new_state
+
+EVAL_SEED_BASE = 10**9  # held-out prompts: seeds no training step reaches
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """config.rl: the task, the rollout shape, the algorithm and the warm-up."""
+
+    env: str = "arithmetic"
+    env_kwargs: dict = dataclasses.field(default_factory=dict)
+    pool_mode: str = "thread"
+    env_timeout_s: float = 10.0
+    steps: int = 60
+    groups: int = 16  # prompts per step
+    group_size: int = 8  # samples per prompt
+    max_new_tokens: int = 8
+    max_turns: int = 1
+    max_length: int = 48  # cache and episode length, all turns
+    temperature: float = 1.0
+    advantage: str = "grpo"
+    policy_loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_estimator: str = "k3"
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    aggregation: str = "token-mean"
+    minibatches: int = 2  # optimizer steps per rollout batch
+    lr: float = 1e-4
+    warmup_steps: int = 100  # supervised steps on demonstrations before RL (0: none)
+    warmup_batch_size: int = 32
+    warmup_lr: float = 3e-3
+    eval_every: int = 20
+    eval_prompts: int = 128
+
+    def __post_init__(self):
+        for name in ("steps", "groups", "group_size", "max_new_tokens", "max_turns", "max_length",
+                     "minibatches", "warmup_batch_size", "eval_every", "eval_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"rl.{name} must be a positive integer, got {value!r}")
+        if (self.groups * self.group_size) % self.minibatches:
+            raise ConfigError(f"rl.groups x rl.group_size ({self.groups * self.group_size}) must "
+                              f"be a multiple of rl.minibatches ({self.minibatches})")
+        if self.temperature <= 0:
+            raise ConfigError(f"rl.temperature must be > 0 (sampling), got {self.temperature}")
+
+    @property
+    def loss(self) -> PolicyLossConfig:
+        return PolicyLossConfig(self.policy_loss, self.clip_low, self.clip_high, self.kl_estimator,
+                                self.kl_coef, self.entropy_coef, self.aggregation)
+
+
+def rl_config(config: ml_collections.ConfigDict) -> RLConfig:
+    """config.rl as a validated RLConfig; an unknown field is named."""
+    known = {field.name for field in dataclasses.fields(RLConfig)}
+    fields = config.rl.to_dict()
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"config.rl has unknown field(s) {unknown}; known: {sorted(known)}")
+    rl = RLConfig(**fields)
+    rl.loss  # validates the loss names and clip ranges now, before anything is built
+    return rl
+
+
+def step_seeds(rl: RLConfig, step: int) -> list[int]:
+    """The environment seed of every slot at `step`: each group's prompt group_size times."""
+    return [step * rl.groups + group for group in range(rl.groups) for _ in range(rl.group_size)]
+
+
+def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConfig, step: int,
+                 seed: int):
+    """One RL step; -> (new state, metrics row)."""
+    stop, padding = [eos_id(tokenizer)], pad_id(tokenizer)
+    started = time.perf_counter()
+    policy = nnx.merge(learner.graphdef, state["params"])
+    episodes = play_episodes(policy, tokenizer, pool, step_seeds(rl, step),
+                             max_new_tokens=rl.max_new_tokens, max_turns=rl.max_turns,
+                             max_length=rl.max_length, temperature=rl.temperature,
+                             sample_seed=seed * 100003 + step, stop_ids=stop, pad_id=padding)
+    rollout_s = time.perf_counter() - started - episodes.env_seconds
+
+    started = time.perf_counter()
+    rewards = episodes.rewards.reshape(rl.groups, rl.group_size)
+    advantages = np.asarray(compute_advantages(
+        rl.advantage, jnp.asarray(rewards), valid=jnp.asarray(~episodes.failed.reshape(rewards.shape))))
+    reward_s = time.perf_counter() - started + episodes.env_seconds
+
+    started = time.perf_counter()
+    batch = _update_batch(episodes, advantages.reshape(-1), learner, state["params"], reference)
+    mask = episodes.loss_mask
+    mismatch = float(np.sum(np.abs(batch["old_logprobs"] - episodes.sampler_logprobs) * mask)
+                     / max(mask.sum(), 1.0))
+    order = np.random.default_rng([seed, step]).permutation(len(mask))
+    sums = {}
+    for part in np.split(order, rl.minibatches):
+        state, metrics = learner.update(state, {k: v[part] for k, v in batch.items()})
+        for key, value in jax.device_get(metrics).items():
+            sums[key] = sums.get(key, 0.0) + float(value) / rl.minibatches
+    update_s = time.perf_counter() - started
+
+    row = {"rewards/mean": float(rewards.mean()), "rewards/std": float(rewards.std()),
+           **{k: v for k, v in sums.items() if k.startswith("actor/")},
+           "actor/logprob_mismatch": mismatch,
+           "response_length/mean": float(mask.sum(axis=1).mean()),
+           **pool.metrics(), "timing_s/rollout": rollout_s, "timing_s/reward": reward_s,
+           "timing_s/update": update_s}
+    return state, row
+
+
+def _update_batch(episodes: Episodes, advantages, learner: Learner, params, reference) -> dict:
+    """The learner's arrays: episodes, advantages, the behaviour policy's (and reference's) scores."""
+    tokens, segments = jnp.asarray(episodes.tokens), jnp.asarray(episodes.segment_ids)
+    batch = {"tokens": episodes.tokens, "segment_ids": episodes.segment_ids,
+             "loss_mask": episodes.loss_mask, "advantages": advantages.astype(np.float32),
+             "old_logprobs": np.asarray(learner.score(params, tokens, segments))}
+    if reference is not None:  # kl_coef > 0 only: otherwise the reference forward is skipped
+        batch["ref_logprobs"] = np.asarray(learner.score(reference, tokens, segments))
+    return batch
+
+
+def greedy_accuracy(params, learner: Learner, tokenizer, rl: RLConfig) -> float:
+    """Mean reward of greedy answers to held-out prompts (one episode each)."""
+    with EnvPool(rl.env, rl.eval_prompts, timeout_s=rl.env_timeout_s,
+                 env_kwargs=rl.env_kwargs) as pool:
+        episodes = play_episodes(
+            nnx.merge(learner.graphdef, params), tokenizer, pool,
+            [EVAL_SEED_BASE + i for i in range(rl.eval_prompts)], max_new_tokens=rl.max_new_tokens,
+            max_turns=rl.max_turns, max_length=rl.max_length, temperature=0.0, sample_seed=0,
+            stop_ids=[eos_id(tokenizer)], pad_id=pad_id(tokenizer))
+    return float(episodes.rewards.mean())
+
+
+def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]:
+    """RL per `config` in `workdir`, resuming from its latest checkpoint; returns the logged rows."""
+    workdir = Path(workdir)
+    rl = rl_config(config)
+    model_cfg = model_config(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = make_env(rl.env, **rl.env_kwargs)
+    tokenizer = load_or_train_tokenizer(workdir / "tokenizer.json",
+                                        [text for text, _ in demonstrations(env, range(4000))],
+                                        model_cfg.vocab_size)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen35ForCausalLM(model_cfg, rngs=nnx.Rngs(0))))
+    optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
+                                           steps=rl.steps * rl.minibatches, weight_decay=0.0))
+    learner = make_learner(graphdef, optimizer, rl.loss, rl.temperature)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
+
+    def fresh_state(params):
+        state = new_state(params, optimizer, config.seed)
+        # The frozen reference rides in the state (and checkpoints) only when the KL term is on.
+        return {**state, "reference": params} if rl.kl_coef else state
+
+    abstract = jax.eval_shape(lambda: fresh_state(
+        nnx.to_pure_dict(nnx.state(Qwen35ForCausalLM(model_cfg, rngs=nnx.Rngs(0)), nnx.Param))))
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+        start, state, _, _ = restored
+        print(f"resumed from step {start}", flush=True)
+    else:
+        start = 0
+        params = supervised_warmup(model_cfg, env, tokenizer, rl, seed=config.seed)
+        state = fresh_state(params)
+    (workdir / "config.json").write_text(json.dumps(
+        {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
+         "rl": dataclasses.asdict(rl)}, indent=2, default=list))
+
+    logger = RunLogger(workdir, config, resume_step=start if restored else None,
+                       total_steps=rl.steps, curve=("rewards/mean", "reward.png"))
+    with EnvPool(rl.env, rl.groups * rl.group_size, mode=rl.pool_mode,
+                 timeout_s=rl.env_timeout_s, env_kwargs=rl.env_kwargs) as pool:
+        for step in range(start, rl.steps):
+            before = (greedy_accuracy(state["params"], learner, tokenizer, rl) if step == 0
+                      else None)
+            started = time.perf_counter()
+            state, row = rollout_step(state, learner, state.get("reference"), tokenizer, pool, rl,
+                                      step, config.seed)
+            done = step + 1
+            row = {"step": done, **row, "perf/step_time_s": time.perf_counter() - started}
+            if before is not None:  # the warmed-up policy, before any RL update
+                row["eval/accuracy_before_rl"] = before
+            if done % rl.eval_every == 0 or done == rl.steps:
+                row["eval/accuracy"] = greedy_accuracy(state["params"], learner, tokenizer, rl)
+            logger.log(row)
+            if done % config.checkpoint.every_steps == 0 or done == rl.steps:
+                checkpointer.save(done, state, {"next_step": done}, {"step": done})
+    checkpointer.wait()
+    checkpointer.close()
+    return logger.close()

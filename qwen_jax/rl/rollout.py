@@ -1,0 +1,110 @@
+"""Rollouts: the policy plays episodes in an EnvPool, token in, token out, over several turns.
+
+Each turn samples a response for every running episode in one batched `generate` call that
+continues the rows' decode cache, so nothing said before is recomputed; the environment's reply
+(a tool result, say) is appended as the next turn's prompt. An episode's tokens are its prompt,
+then responses and replies in order; only the sampled tokens are trained on (loss_mask 1), and
+they keep the sampler's logprobs to check the trainer against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from qwen_jax.generate.engine import generate
+from qwen_jax.rl.envs import EnvPool
+
+
+@dataclasses.dataclass(frozen=True)
+class Episodes:
+    """N finished episodes, padded to max_length tokens."""
+
+    tokens: np.ndarray  # int32 [N, S]: prompt, responses, replies; pad_id after
+    segment_ids: np.ndarray  # int32 [N, S]: 1 on the episode's tokens, 0 on padding
+    loss_mask: np.ndarray  # float32 [N, S]: 1 where the policy sampled tokens[t]
+    sampler_logprobs: np.ndarray  # float32 [N, S]: the sampler's logprob of tokens[t] (0 elsewhere)
+    rewards: np.ndarray  # float32 [N]: summed over the episode's turns
+    failed: np.ndarray  # bool [N]: the environment failed (error, timeout, crash)
+    env_seconds: float  # wall time inside the pool's reset and step calls
+    env_steps: int  # pool steps taken
+
+
+def _encode(tokenizer: Tokenizer, observation) -> list[int]:
+    return list(observation) if isinstance(observation, list) else tokenizer.encode(observation).ids
+
+
+def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[int], *,
+                  max_new_tokens: int, max_turns: int, max_length: int, temperature: float,
+                  sample_seed: int, stop_ids: Sequence[int], pad_id: int) -> Episodes:
+    """One episode per pool slot (slot i resets with seeds[i]); returns them as token arrays."""
+    count = len(seeds)
+    env_seconds, env_steps = 0.0, 0
+    started = time.perf_counter()
+    resets = pool.reset(list(seeds))
+    env_seconds += time.perf_counter() - started
+    # Per episode: token ids, whether each was sampled, and its sampler logprob.
+    ids = [[] for _ in range(count)]
+    sampled = [[] for _ in range(count)]
+    logprobs = [[] for _ in range(count)]
+    rewards = np.zeros(count, np.float32)
+    failed = np.array([result.failed is not None for result in resets])
+    running = ~failed
+    prompts = [_encode(tokenizer, r.observation) if r.failed is None else [pad_id] for r in resets]
+    cache = None
+    for turn in range(max_turns):
+        for row in np.flatnonzero(running):
+            ids[row] += prompts[row]
+            sampled[row] += [0] * len(prompts[row])
+            logprobs[row] += [0.0] * len(prompts[row])
+        used = 0 if cache is None else int(cache.index)  # cache columns, padding included
+        if used + max(map(len, prompts)) + max_new_tokens > max_length:
+            break  # no room for another turn: the running episodes end here, truncated
+        out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                       seeds=[(sample_seed * 7919 + turn * count + row) % 2**32
+                              for row in range(count)],
+                       stop_ids=stop_ids, pad_id=pad_id, cache=cache, max_length=max_length)
+        cache = out.cache
+        tokens, lengths, new_logprobs = (np.asarray(x) for x in (out.tokens, out.lengths, out.logprobs))
+        actions = {}
+        for row in np.flatnonzero(running):
+            new = tokens[row, :lengths[row]].tolist()
+            ids[row] += new
+            sampled[row] += [1] * len(new)
+            logprobs[row] += new_logprobs[row, :lengths[row]].tolist()
+            answer = new[:-1] if new and new[-1] in stop_ids else new
+            actions[int(row)] = tokenizer.decode(answer)
+        started = time.perf_counter()
+        results = pool.step(actions)
+        env_seconds += time.perf_counter() - started
+        env_steps += len(actions)
+        prompts = [[pad_id]] * count
+        for row, result in results.items():
+            rewards[row] += result.reward
+            failed[row] |= result.failed is not None
+            if result.done:
+                running[row] = False
+            else:
+                prompts[row] = _encode(tokenizer, result.observation) or [pad_id]
+        if not running.any():
+            break
+    return _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds, env_steps)
+
+
+def _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds,
+         env_steps) -> Episodes:
+    """Lists of per-episode tokens -> fixed [N, max_length] arrays (one compiled learner step)."""
+    count = len(ids)
+    tokens = np.full((count, max_length), pad_id, np.int32)
+    segments = np.zeros((count, max_length), np.int32)
+    mask = np.zeros((count, max_length), np.float32)
+    sampler = np.zeros((count, max_length), np.float32)
+    for row in range(count):
+        n = len(ids[row])
+        tokens[row, :n], segments[row, :n] = ids[row], 1
+        mask[row, :n], sampler[row, :n] = sampled[row], logprobs[row]
+    return Episodes(tokens, segments, mask, sampler, rewards, failed, env_seconds, env_steps)

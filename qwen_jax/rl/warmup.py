@@ -1,0 +1,66 @@
+"""A short supervised warm-up on the task's own demonstrations, so a policy trained from scratch
+starts RL with a reward it can climb from (no pretrained weights can be downloaded here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+from tokenizers import Tokenizer
+
+from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
+from qwen_jax.data.tokenizer import eos_id, pad_id
+from qwen_jax.parallel.mesh import make_mesh
+from qwen_jax.parallel.rules import DEFAULT_RULES
+from qwen_jax.train.step import make_trainer
+
+WARMUP_SEED_BASE = 2 * 10**9  # demonstration prompts: apart from the RL and held-out seeds
+ANSWER_FIELDS = ("expected", "solution")  # where the built-in tasks keep the right answer
+
+
+def demonstrations(env, seeds: Iterable[int]) -> list[tuple[str, str]]:
+    """(prompt, " answer") pairs from a task whose reset info holds the answer."""
+    pairs = []
+    for seed in seeds:
+        prompt, info = env.reset(seed)
+        field = next((name for name in ANSWER_FIELDS if name in info), None)
+        if field is None or not isinstance(prompt, str):
+            raise ConfigError(f"rl.warmup_steps > 0 needs a text task whose reset info holds the "
+                              f"answer ({' or '.join(ANSWER_FIELDS)}); {type(env).__name__} gives "
+                              f"{sorted(info)}: set rl.warmup_steps=0")
+        pairs.append((prompt, f" {info[field]}"))
+    return pairs
+
+
+def demonstration_batch(pairs, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    """Rows prompt + answer + eos, loss only on the answer and eos (what the policy must say)."""
+    eos, pad = eos_id(tokenizer), pad_id(tokenizer)
+    batch = {"input_ids": np.full((len(pairs), seq_len), pad, np.int32),
+             "targets": np.full((len(pairs), seq_len), pad, np.int32),
+             "segment_ids": np.zeros((len(pairs), seq_len), np.int32),
+             "loss_mask": np.zeros((len(pairs), seq_len), np.float32)}
+    for row, (prompt, answer) in enumerate(pairs):
+        prompt_ids, answer_ids = tokenizer.encode(prompt).ids, tokenizer.encode(answer).ids + [eos]
+        ids = (prompt_ids + answer_ids)[:seq_len + 1]
+        n = len(ids) - 1
+        batch["input_ids"][row, :n], batch["targets"][row, :n] = ids[:-1], ids[1:]
+        batch["segment_ids"][row, :n] = 1
+        batch["loss_mask"][row, len(prompt_ids) - 1:n] = 1
+    return batch
+
+
+def supervised_warmup(model_cfg: ModelConfig, env, tokenizer: Tokenizer, rl, *, seed: int):
+    """Fresh params from `seed`, trained rl.warmup_steps steps on demonstrations (none: as drawn)."""
+    steps = max(rl.warmup_steps, 1)
+    train = TrainConfig(steps=steps, batch_size=rl.warmup_batch_size, seq_len=rl.max_length,
+                        lr=rl.warmup_lr, warmup_steps=min(10, steps - 1))
+    trainer = make_trainer(model_cfg, train, make_mesh({"data": 1}, jax.devices()[:1]),
+                           DEFAULT_RULES)
+    state = trainer.init_state(seed)
+    for step in range(rl.warmup_steps):
+        first = WARMUP_SEED_BASE + step * rl.warmup_batch_size
+        pairs = demonstrations(env, range(first, first + rl.warmup_batch_size))
+        batch = demonstration_batch(pairs, tokenizer, rl.max_length)
+        state, _ = trainer.step_fn(state, trainer.global_batch(batch))
+    return jax.device_get(state["params"])
