@@ -1,6 +1,6 @@
-"""The default RL run on one CPU: a tiny policy learns to add two numbers from 0 to 4 by GRPO,
+"""The default RL run on one CPU: a tiny policy learns to add two numbers from 0 to 9 by GRPO,
 after a short supervised warm-up on the task's own demonstrations (nothing can be downloaded
-here). A few minutes on 2 cores."""
+here). About 5 minutes on 2 cores; experiments/rl_tiny/ holds its curve."""
 
 from pathlib import Path
 
@@ -16,12 +16,12 @@ def get_config():
     config.model.num_hidden_layers = 4
     config.rl = ml_collections.ConfigDict({
         "env": "arithmetic",
-        "env_kwargs": {"max_operand": 4, "operators": "+", "num_operands": 2},
+        "env_kwargs": {"max_operand": 9, "operators": "+", "num_operands": 2},
         "pool_mode": "thread",
         "env_timeout_s": 10.0,
-        "steps": 40,
-        "groups": 8,
-        "group_size": 16,
+        "steps": 60,
+        "groups": 16,
+        "group_size": 8,
         "max_new_tokens": 6,
         "max_turns": 1,
         "max_length": 32,
@@ -35,7 +35,7 @@ def get_config():
         "entropy_coef": 0.0,
         "aggregation": "token-mean",
         "minibatches": 2,
-        "lr": 1e-3,
+        "lr": 3e-4,
         "warmup_steps": 40,
         "warmup_batch_size": 32,
         "warmup_lr": 3e-3,
