@@ -4,9 +4,8 @@ photos, captioned)."""
 
 from pathlib import Path
 
-import ml_collections
-
 from qwen_jax.experiment import load_config
+from qwen_jax.train.datasets import default_data_config
 
 
 def get_config():
@@ -14,15 +13,9 @@ def get_config():
     config.model.vision = "tiny"
     config.train.steps = 100
     config.train.eval_every = 50
-    config.data = ml_collections.ConfigDict({
-        "kind": "image_text",
-        "image_sources": ["digits", "photos"],  # or .jsonl / .array_record files
-        "image_weight": 0.5,  # half the rows are image-text records
-        # A digit is 16 patches (64x64 pixels) and a photo 8 (32x64): 4 and 2 image tokens.
-        "max_patches": 256,
-        "min_pixels": 32 * 32,
-        "max_pixels": 64 * 64,
-        "workers": 0,
-        "strict": False,
-    })
+    # Every field is listed, so each can be overridden (--config.data.image_sources=[...]):
+    # half the rows image-text (digits are 16 patches, photos 8, at 64*64 pixels), up to 256
+    # patches a row, no worker processes, skip and count bad records.
+    config.data = default_data_config()
+    config.data.kind = "image_text"
     return config

@@ -1,6 +1,7 @@
 """The RL loop end to end: a tiny policy's reward rises, the sampler agrees with the trainer, and a
 resumed run repeats an uninterrupted one exactly."""
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -16,7 +17,8 @@ SMALL = ["wandb.mode=disabled", "model.hidden_size=64", "model.intermediate_size
 
 def params_at(workdir, step):
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(workdir.absolute() / "checkpoints" / str(step) / "state")["params"]
+        state = checkpointer.restore(workdir.absolute() / "checkpoints" / str(step) / "state")
+    return state["params"]
 
 
 @pytest.mark.slow
@@ -29,7 +31,8 @@ def test_resumed_rl_run_repeats_the_uninterrupted_one(tmp_path):
     assert [row["step"] for row in resumed] == [3, 4]
     assert [row["rewards/mean"] for row in whole[2:]] == [row["rewards/mean"] for row in resumed]
     assert [row["actor/pg_loss"] for row in whole[2:]] == [row["actor/pg_loss"] for row in resumed]
-    for a, b in zip(*(jax_leaves(params_at(path, 4)) for path in (tmp_path / "a", tmp_path / "b"))):
+    whole_params, resumed_params = (params_at(tmp_path / run, 4) for run in "ab")
+    for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(resumed_params)):
         np.testing.assert_array_equal(a, b)
     rows = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
@@ -37,12 +40,6 @@ def test_resumed_rl_run_repeats_the_uninterrupted_one(tmp_path):
         assert row["actor/logprob_mismatch"] < 1e-4
         assert row["env/failed"] == 0
     assert (tmp_path / "b" / "reward.png").exists()
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def test_reward_rises_on_a_small_arithmetic_task(tmp_path):

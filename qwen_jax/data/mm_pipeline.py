@@ -47,7 +47,7 @@ from qwen_jax.data.mm_packing import (
     plan_rows,
     tokenize_record,
 )
-from qwen_jax.data.pipeline import _per_host_batch_size
+from qwen_jax.data.pipeline import _per_host_batch_size, eval_batch_starts
 from qwen_jax.data.tokenizer import eos_id, pad_id
 from qwen_jax.model.vlm import vision_tower_inputs  # noqa: F401 - the batch's reader, re-exported
 
@@ -233,13 +233,11 @@ def make_mm_eval_batches(corpus: MMPackedCorpus, *, batch_size: int, max_batches
     """The first rows in corpus order as fixed batches (MM_ROW_KEYS, [batch_size // process_count,
     ...]); the last batch is topped up with rows from the start whose loss_mask is 0, so every
     batch has one shape. Hosts split each batch as the train iterator does."""
-    per_host = _per_host_batch_size(batch_size, process_count)
-    num_batches = -(-corpus.num_rows // batch_size)
-    if max_batches is not None:
-        num_batches = min(num_batches, max_batches)
+    per_host, starts = eval_batch_starts(corpus.num_rows, batch_size=batch_size,
+                                         max_batches=max_batches, process_index=process_index,
+                                         process_count=process_count)
     batches = []
-    for index in range(num_batches):
-        start = index * batch_size + process_index * per_host
+    for start in starts:
         rows = []
         for position in range(start, start + per_host):
             row = corpus.row(position % corpus.num_rows)

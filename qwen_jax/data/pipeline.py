@@ -113,6 +113,17 @@ def make_train_iterator(corpus: PackedCorpus, *, global_batch_size: int, seed: i
     return iter(dataset.to_iter_dataset(read_options))
 
 
+def eval_batch_starts(num_rows: int, *, batch_size: int, max_batches: int | None,
+                      process_index: int, process_count: int) -> tuple[int, list[int]]:
+    """(rows per host, this host's first row of each eval batch): the first rows in corpus order,
+    at most max_batches batches, host p taking the p-th block of every batch."""
+    per_host = _per_host_batch_size(batch_size, process_count)
+    num_batches = -(-num_rows // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    return per_host, [index * batch_size + process_index * per_host for index in range(num_batches)]
+
+
 def make_eval_batches(corpus: PackedCorpus, *, batch_size: int, max_batches: int | None = None,
                       process_index: int = 0, process_count: int = 1) -> list[Batch]:
     """The first rows in corpus order as fixed batches {key: [batch_size // process_count, T]}.
@@ -120,13 +131,11 @@ def make_eval_batches(corpus: PackedCorpus, *, batch_size: int, max_batches: int
     The last batch is filled with padding rows (loss_mask 0) so every batch has one shape and one
     compiled eval step; sharding across hosts follows `make_train_iterator`.
     """
-    per_host = _per_host_batch_size(batch_size, process_count)
-    num_batches = -(-corpus.num_rows // batch_size)
-    if max_batches is not None:
-        num_batches = min(num_batches, max_batches)
+    per_host, starts = eval_batch_starts(corpus.num_rows, batch_size=batch_size,
+                                         max_batches=max_batches, process_index=process_index,
+                                         process_count=process_count)
     batches = []
-    for index in range(num_batches):
-        start = index * batch_size + process_index * per_host
+    for start in starts:
         batch = {key: corpus.rows[key][start:start + per_host] for key in ROW_KEYS}
         missing = per_host - len(batch["input_ids"])
         if missing:

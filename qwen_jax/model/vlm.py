@@ -107,4 +107,3 @@ def vision_tower_inputs(pixel_values, image_grid_thw, merge_size: int = 2):
     grid = xp.concatenate([image_grid_thw.reshape(-1, 3),
                            filler[None].astype(image_grid_thw.dtype)])
     return compact, grid
-

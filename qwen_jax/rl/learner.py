@@ -19,8 +19,6 @@ from flax import nnx
 
 from qwen_jax.rl.losses import PolicyLossConfig, policy_objective, token_entropy
 
-UPDATE_KEYS = ("tokens", "segment_ids", "loss_mask", "old_logprobs", "advantages")
-
 
 def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float):
     """tokens [N, S] -> (logprobs [N, S]: log p(tokens[t] | tokens[:t]), 0 at t = 0; entropy [N, S]
@@ -40,9 +38,6 @@ class Learner:
     `update(state, batch) -> (state, metrics)` for one model and loss."""
 
     graphdef: Any
-    optimizer: optax.GradientTransformation
-    loss: PolicyLossConfig
-    temperature: float
     score: Any
     update: Any
 
@@ -72,5 +67,4 @@ def make_learner(graphdef, optimizer: optax.GradientTransformation, loss: Policy
                "skipped_steps": state["skipped_steps"] + (~finite)}
         return new, {**metrics, "actor/loss": value, "actor/grad_norm": grad_norm}
 
-    return Learner(graphdef, optimizer, loss, temperature, jax.jit(score),
-                   jax.jit(update, donate_argnums=0))
+    return Learner(graphdef, jax.jit(score), jax.jit(update, donate_argnums=0))

@@ -23,7 +23,6 @@ from flax import nnx
 from qwen_jax.config import ConfigError, TrainConfig
 from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id
 from qwen_jax.experiment import model_config
-from qwen_jax.model.decoder import Qwen35ForCausalLM
 from qwen_jax.rl.advantages import compute_advantages
 from qwen_jax.rl.envs import EnvPool, make_env
 from qwen_jax.rl.learner import Learner, make_learner
@@ -33,7 +32,7 @@ from qwen_jax.rl.warmup import demonstrations, supervised_warmup
 from qwen_jax.train.checkpoint import Checkpointer
 from qwen_jax.train.optimizer import make_optimizer
 from qwen_jax.train.reporting import RunLogger
-from qwen_jax.train.step import new_state
+from qwen_jax.train.step import abstract_params, new_state
 
 EVAL_SEED_BASE = 10**9  # held-out prompts: seeds no training step reaches
 
@@ -177,7 +176,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     tokenizer = load_or_train_tokenizer(workdir / "tokenizer.json",
                                         [text for text, _ in demonstrations(env, range(4000))],
                                         model_cfg.vocab_size)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen35ForCausalLM(model_cfg, rngs=nnx.Rngs(0))))
+    graphdef, shapes = abstract_params(model_cfg)
     optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
                                            steps=rl.steps * rl.minibatches, weight_decay=0.0))
     learner = make_learner(graphdef, optimizer, rl.loss, rl.temperature)
@@ -188,9 +187,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
         # The frozen reference rides in the state (and checkpoints) only when the KL term is on.
         return {**state, "reference": params} if rl.kl_coef else state
 
-    abstract = jax.eval_shape(lambda: fresh_state(
-        nnx.to_pure_dict(nnx.state(Qwen35ForCausalLM(model_cfg, rngs=nnx.Rngs(0)), nnx.Param))))
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(jax.eval_shape(fresh_state, shapes))
     if restored is not None:
         start, state, _, _ = restored
         print(f"resumed from step {start}", flush=True)

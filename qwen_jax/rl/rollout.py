@@ -31,7 +31,6 @@ class Episodes:
     rewards: np.ndarray  # float32 [N]: summed over the episode's turns
     failed: np.ndarray  # bool [N]: the environment failed (error, timeout, crash)
     env_seconds: float  # wall time inside the pool's reset and step calls
-    env_steps: int  # pool steps taken
 
 
 def _encode(tokenizer: Tokenizer, observation) -> list[int]:
@@ -43,7 +42,7 @@ def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[in
                   sample_seed: int, stop_ids: Sequence[int], pad_id: int) -> Episodes:
     """One episode per pool slot (slot i resets with seeds[i]); returns them as token arrays."""
     count = len(seeds)
-    env_seconds, env_steps = 0.0, 0
+    env_seconds = 0.0
     started = time.perf_counter()
     resets = pool.reset(list(seeds))
     env_seconds += time.perf_counter() - started
@@ -81,7 +80,6 @@ def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[in
         started = time.perf_counter()
         results = pool.step(actions)
         env_seconds += time.perf_counter() - started
-        env_steps += len(actions)
         prompts = [[pad_id]] * count
         for row, result in results.items():
             rewards[row] += result.reward
@@ -92,11 +90,10 @@ def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[in
                 prompts[row] = _encode(tokenizer, result.observation) or [pad_id]
         if not running.any():
             break
-    return _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds, env_steps)
+    return _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds)
 
 
-def _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds,
-         env_steps) -> Episodes:
+def _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds) -> Episodes:
     """Lists of per-episode tokens -> fixed [N, max_length] arrays (one compiled learner step)."""
     count = len(ids)
     tokens = np.full((count, max_length), pad_id, np.int32)
@@ -107,4 +104,4 @@ def _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_second
         n = len(ids[row])
         tokens[row, :n], segments[row, :n] = ids[row], 1
         mask[row, :n], sampler[row, :n] = sampled[row], logprobs[row]
-    return Episodes(tokens, segments, mask, sampler, rewards, failed, env_seconds, env_steps)
+    return Episodes(tokens, segments, mask, sampler, rewards, failed, env_seconds)

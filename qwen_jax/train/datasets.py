@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-from tokenizers import Tokenizer
 
 from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
 from qwen_jax.data import (
@@ -55,12 +54,11 @@ def default_data_config() -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class RunData:
     """The model config (vision token ids set for image_text), the resumable train iterator,
-    fixed eval batches, the tokenizer, skipped records by reason, and whether batches hold images."""
+    fixed eval batches, skipped records by reason, and whether batches hold images."""
 
     model_config: ModelConfig
     iterator: Any  # next() -> batch; get_state() / set_state()
     eval_batches: list[dict]
-    tokenizer: Tokenizer
     skipped: dict[str, int]
     images: bool = False
 
@@ -123,7 +121,7 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
         eval_batches = make_eval_batches(held_out, batch_size=train_cfg.batch_size,
                                          max_batches=train_cfg.eval_batches, **hosts)
         skipped = collections.Counter(train.skipped) + collections.Counter(held_out.skipped)
-        return RunData(model_cfg, iterator, eval_batches, tokenizer, dict(skipped))
+        return RunData(model_cfg, iterator, eval_batches, dict(skipped))
 
     if model_cfg.vision is None:
         raise ConfigError("data.kind 'image_text' needs a vision tower: set model.vision "
@@ -147,4 +145,4 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
                                         max_batches=train_cfg.eval_batches, **hosts)
     for corpus in (*corpora.values(), held_out):
         skipped.update(corpus.skipped)
-    return RunData(model_cfg, iterator, eval_batches, tokenizer, dict(skipped), images=True)
+    return RunData(model_cfg, iterator, eval_batches, dict(skipped), images=True)
