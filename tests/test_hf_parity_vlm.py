@@ -262,3 +262,74 @@ def test_greedy_generation_with_images_matches_transformers(reference):
     single = generate(model, short["input_ids"].tolist(), max_new_tokens=6,
                       pixel_values=short["pixel_values"], image_grid_thw=short["image_grid_thw"])
     np.testing.assert_array_equal(np.asarray(batch.tokens), np.stack([alone.tokens[0], single.tokens[0]]))
+
+
+def test_packed_row_with_a_video_an_image_and_text_matches_transformers(tmp_path):
+    """A document made by the pipeline (timestamped video blocks from `preprocess_video`, an image,
+    text) scores as HF's model scores the same tokens and pixels: positions equal get_rope_index,
+    logits within 1e-4 (our side runs the train step's per-row layout); and as a prompt it
+    generates HF's greedy tokens."""
+    from qwen_jax.data import (VISION_TOKENS, ImageProcessorConfig, ImageTextRecord,
+                               VideoProcessorConfig, add_vision_tokens, pack_mm_corpus,
+                               preprocess_image, preprocess_video, python_docs_corpus,
+                               train_bpe_tokenizer)
+    from qwen_jax.data.clips import digit_clip
+    from qwen_jax.train.step import model_inputs
+
+    tokenizer = train_bpe_tokenizer(python_docs_corpus()[:5], 300, tuple(VISION_TOKENS.values()))
+    config = hf_vlm_config(layers=4, vocab=300)
+    for field, token_id in add_vision_tokens(tokenizer).items():
+        setattr(config, field, token_id)
+    build_hf_model(config).save_pretrained(tmp_path)
+    hf_model = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = qwen_jax.load_hf(tmp_path)
+
+    rng = np.random.default_rng(0)
+    ink = rng.integers(0, 17, (8, 8)).astype(np.float64)
+    # Ten frames at 4 fps, sampled at 2 fps: 5 frames, padded to 3 temporal patches.
+    video = preprocess_video(digit_clip(ink, "left to right", frames=10), 4.0,
+                             VideoProcessorConfig(min_pixels=32 * 32, max_pixels=6 * 64 * 64))
+    image = preprocess_image(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8),
+                             ImageProcessorConfig(min_pixels=32 * 32, max_pixels=64 * 96))
+    # Frames 0, 2, 4, 7, 9 (and 9 again): each temporal patch at its two frames' mean time.
+    assert video.grid_thw == (3, 4, 4) and video.timestamps == (0.25, 1.375, 2.25)
+    record = ImageTextRecord(parts=("Look at", image, "and then at", video, "a digit moving."),
+                             source="test")
+    corpus = pack_mm_corpus(tokenizer, [record], model.config, seq_len=128, max_patches=64,
+                            max_video_patches=64)
+    row = corpus.row(0)
+    length = int((row["segment_ids"] > 0).sum())
+    text = tokenizer.decode(row["input_ids"][:length].tolist(), skip_special_tokens=False)
+    block = "<|vision_start|>" + "<|video_pad|>" * 4 + "<|vision_end|>"
+    assert f"and then at<0.2 seconds>{block}<1.4 seconds>{block}<2.2 seconds>{block}a digit" in text
+
+    ids = row["input_ids"][None, :length]
+    hf = torch_inputs({"input_ids": ids, "pixel_values": image.pixel_values,
+                       "image_grid_thw": np.array([image.grid_thw]),
+                       "pixel_values_videos": video.pixel_values,
+                       "video_grid_thw": np.array([video.grid_thw])})
+    hf["mm_token_type_ids"] = torch.as_tensor(np.where(
+        ids == model.config.image_token_id, 1, np.where(ids == model.config.video_token_id, 2, 0)))
+    expected_positions, _ = hf_model.model.get_rope_index(
+        hf["input_ids"], hf["mm_token_type_ids"], image_grid_thw=hf["image_grid_thw"],
+        video_grid_thw=hf["video_grid_thw"])
+    np.testing.assert_array_equal(row["positions"][:, :length], expected_positions.numpy()[:, 0])
+    with torch.no_grad():
+        expected = hf_model(**hf).logits.numpy()
+    batch = {key: jnp.asarray(value[None]) for key, value in row.items()}
+    ours = nnx.jit(lambda m, b: m(b["input_ids"], **model_inputs(b)).logits)(model, batch)
+    assert relative_error(np.asarray(ours)[:, :length], expected) < 1e-4
+
+    # The same document but its eos as a prompt: greedy generation gives HF's new tokens.
+    from qwen_jax.generate.engine import generate
+
+    prompt = {key: value[:, :-1] if key in ("input_ids", "mm_token_type_ids") else value
+              for key, value in hf.items()}
+    with torch.no_grad():
+        hf_tokens = hf_model.generate(**prompt, attention_mask=torch.ones_like(prompt["input_ids"]),
+                                      max_new_tokens=5, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, length - 1:]
+    pixels = {key: value.numpy() for key, value in prompt.items()
+              if key not in ("input_ids", "mm_token_type_ids")}
+    generated = generate(model, ids[:, :-1].tolist(), max_new_tokens=5, **pixels)
+    np.testing.assert_array_equal(np.asarray(generated.tokens[0]), hf_tokens.numpy())

@@ -1,11 +1,12 @@
-"""The image-text pipeline's throughput with 0 (in-process), 1 and 2 Grain workers, beside the
-tokens/s the train step consumes, for configs/pretrain_mm_tiny.py (its digits + photos + text).
+"""The image/video-text pipeline's throughput with 0 (in-process), 1 and 2 Grain workers, beside
+the tokens/s the train step consumes, for configs/pretrain_mm_tiny.py (text, digits and photos,
+clips of moving digits and camera moves).
 
     python experiments/benchmarks/bench_mm_pipeline.py [--batches 40] [--out experiments/results]
 
 Pipeline: batches of the run's global batch (8 rows x 256 tokens, up to 256 patches a row), timed
 after the first batch (which, with workers, includes starting them: reported as startup_s).
-Tokens are row slots (B x T); images are real images in those rows. Train step: the same batches
+Tokens are row slots (B x T); images and videos are real ones in those rows. Train step: the same batches
 through the jitted step on one CPU device and on the 8 fake devices `qwen-jax train` uses here,
 median of the timed steps after one compile-and-run step. Writes mm_pipeline_<device>.json and .md.
 """
@@ -47,33 +48,35 @@ def run_data(config, workers: int, workdir: Path):
 
 
 def time_pipeline(config, workers: int, batches: int, workdir: Path) -> dict:
-    """Startup (first batch) and steady batches/s, tokens/s, images/s of the train iterator."""
+    """Startup (first batch) and steady batches/s, tokens/s, images/s, videos/s of the train
+    iterator."""
     data = run_data(config, workers, workdir)
     try:
         started = time.perf_counter()
         first = next(data.iterator)
         startup = time.perf_counter() - started
-        tokens = images = 0
+        tokens = images = videos = 0
         started = time.perf_counter()
         for _ in range(batches):
             batch = next(data.iterator)
             tokens += batch["input_ids"].size
             images += int(batch["num_images"].sum())
+            videos += int(batch["num_videos"].sum()) if "num_videos" in batch else 0
         elapsed = time.perf_counter() - started
     finally:
         data.close()
     rows, seq_len = first["input_ids"].shape
     return {"workers": workers, "startup_s": startup, "batches_per_s": batches / elapsed,
             "tokens_per_s": tokens / elapsed, "images_per_s": images / elapsed,
-            "rows": rows, "seq_len": seq_len}
+            "videos_per_s": videos / elapsed, "rows": rows, "seq_len": seq_len}
 
 
 def time_step(config, devices: int, steps: int, workdir: Path) -> dict:
-    """Median step time of the image-text train step on `devices` CPU devices -> tokens/s."""
+    """Median step time of the image/video-text train step on `devices` CPU devices -> tokens/s."""
     data = run_data(config, 0, workdir)
     mesh = make_mesh({"data": devices}, jax.devices()[:devices])
     trainer = make_trainer(data.model_config, train_config(config), mesh, rules_from_config(config),
-                           images=True)
+                           images=True, videos=data.videos)
     state = trainer.init_state(config.seed)
     batches = [trainer.global_batch(next(data.iterator)) for _ in range(steps + 1)]
     state, metrics = trainer.step_fn(state, batches[0])
@@ -90,17 +93,19 @@ def time_step(config, devices: int, steps: int, workdir: Path) -> dict:
 
 
 def markdown(data: dict) -> str:
-    lines = [f"# Image-text pipeline vs train step ({data['device']}, {data['date']})", "",
+    lines = [f"# Image/video-text pipeline vs train step ({data['device']}, {data['date']})", "",
              f"configs/pretrain_mm_tiny.py: {data['rows']} rows x {data['seq_len']} tokens a "
-             "batch, half the rows image-text (digits + photos), half text.", "",
-             "| pipeline | startup s | batches/s | tokens/s | images/s |", "|---|---|---|---|---|"]
+             "batch; rows are half text, 35% image-text (digits + photos), 15% video-text "
+             "(moving digits + camera moves).", "",
+             "| pipeline | startup s | batches/s | tokens/s | images/s | videos/s |",
+             "|---|---|---|---|---|---|"]
     for row in data["pipeline"]:
         if "error" in row:
-            lines.append(f"| {row['name']} | error: {row['error'][:80]} | | | |")
+            lines.append(f"| {row['name']} | error: {row['error'][:80]} | | | | |")
             continue
         lines.append(f"| {row['workers']} workers | {row['startup_s']:.2f} | "
                      f"{row['batches_per_s']:.1f} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['images_per_s']:,.0f} |")
+                     f"{row['images_per_s']:,.0f} | {row['videos_per_s']:,.0f} |")
     lines += ["", "| train step consumes | step s | tokens/s |", "|---|---|---|"]
     for name, row in data["step"].items():
         lines.append(f"| {name} | error: {row['error'][:80]} |" if "error" in row else

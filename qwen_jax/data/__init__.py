@@ -1,5 +1,8 @@
 """Training data: a corpus that ships with Python, a BPE tokenizer, packing, and Grain pipelines;
-image preprocessing, image-text sources, and their packed and mixed Grain pipeline for vision."""
+image and video preprocessing, image/video-text sources (and offline clips), and their packed and
+mixed Grain pipeline for vision."""
+
+from qwen_jax.data.clips import camera_move_records, moving_digit_records
 
 from qwen_jax.data.images import (
     ImageError,
@@ -18,6 +21,7 @@ from qwen_jax.data.mm_packing import (
 )
 from qwen_jax.data.mm_pipeline import (
     MM_ROW_KEYS,
+    VIDEO_ROW_KEYS,
     MMBatchIterator,
     MMPackedCorpus,
     make_mm_eval_batches,
@@ -44,11 +48,20 @@ from qwen_jax.data.pipeline import (
 )
 from qwen_jax.data.sources import python_docs_corpus, split_documents
 from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id, train_bpe_tokenizer
+from qwen_jax.data.videos import (
+    ProcessedVideo,
+    VideoError,
+    VideoProcessorConfig,
+    load_video,
+    preprocess_video,
+)
 
 __all__ = [
-    "MM_ROW_KEYS", "ROW_KEYS", "SKIP_REASONS", "VISION_TOKENS", "ImageError",
+    "MM_ROW_KEYS", "ROW_KEYS", "SKIP_REASONS", "VIDEO_ROW_KEYS", "VISION_TOKENS", "ImageError",
     "ImageProcessorConfig", "ImageTextRecord", "MMBatchIterator", "MMPackedCorpus", "PackedCorpus",
-    "ProcessedImage", "add_vision_tokens", "check_vision_tokens", "digits_image_text_records",
+    "ProcessedImage", "ProcessedVideo", "VideoError", "VideoProcessorConfig", "add_vision_tokens",
+    "camera_move_records", "check_vision_tokens", "digits_image_text_records", "load_video",
+    "moving_digit_records", "preprocess_video",
     "eos_id", "image_placeholder_length", "load_hf_tokenizer", "load_image_text_array_record",
     "load_image_text_jsonl", "load_or_train_tokenizer", "make_eval_batches", "make_mm_eval_batches",
     "make_mm_train_iterator", "make_train_iterator",

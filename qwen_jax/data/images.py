@@ -96,7 +96,7 @@ def smart_resize(height: int, width: int, *, factor: int = 32, min_pixels: int =
     return h_bar, w_bar
 
 
-def _as_pil(image: np.ndarray | Image.Image, name: str) -> Image.Image:
+def as_pil(image: np.ndarray | Image.Image, name: str) -> Image.Image:
     """A PIL image from a PIL image or a uint8 array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]."""
     if isinstance(image, Image.Image):
         return image
@@ -125,8 +125,23 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         raise ImageError("unsupported_mode", f"{name}: mode {image.mode}: {error}") from None
 
 
-def patchify_frames(frames: np.ndarray, config: ImageProcessorConfig) -> np.ndarray:
+def resize_and_normalise(image: Image.Image, height: int, width: int, config, name: str) -> np.ndarray:
+    """A PIL image -> float32 [3, height, width]: RGB, bicubic resize, rescale, normalise.
+
+    config: an ImageProcessorConfig or a VideoProcessorConfig (image_mean, image_std).
+    """
+    rgb = _to_rgb(image, name).resize((width, height), Image.Resampling.BICUBIC)
+    # HF's arithmetic and dtypes (scale in float64, then float32) so the values are bit-identical.
+    pixels = (np.asarray(rgb).astype(np.float64) * (1 / 255)).astype(np.float32)
+    pixels = ((pixels - np.asarray(config.image_mean, np.float32))
+              / np.asarray(config.image_std, np.float32))
+    return pixels.transpose(2, 0, 1)
+
+
+def patchify_frames(frames: np.ndarray, config) -> np.ndarray:
     """frames [T, C, H, W] -> rows [T/tp * H/p * W/p, C*tp*p*p], ordered (t, h/m, w/m, m, m).
+
+    config: an ImageProcessorConfig or a VideoProcessorConfig (patch, temporal patch, merge sizes).
 
     Each 2x2 merge block's patches are consecutive rows (the merger groups 4 rows into one
     token); a row is flattened as (channel, frame within the temporal patch, y, x), the layout of
@@ -152,18 +167,13 @@ def preprocess_image(image: np.ndarray | Image.Image,
     Resize to `smart_resize`'s size (PIL bicubic), rescale to [0, 1], normalise, repeat to one
     temporal patch of identical frames, patchify. `name` (e.g. the file) prefixes every error.
     """
-    image = _as_pil(image, name)
+    image = as_pil(image, name)
     try:
         height, width = smart_resize(image.height, image.width, factor=config.factor,
                                      min_pixels=config.min_pixels, max_pixels=config.max_pixels)
     except ImageError as error:
         raise ImageError(error.reason, f"{name}: {error}") from None
-    rgb = _to_rgb(image, name).resize((width, height), Image.Resampling.BICUBIC)
-    # HF's arithmetic and dtypes (scale in float64, then float32) so the values are bit-identical.
-    pixels = (np.asarray(rgb).astype(np.float64) * (1 / 255)).astype(np.float32)
-    pixels = ((pixels - np.asarray(config.image_mean, np.float32))
-              / np.asarray(config.image_std, np.float32))
-    channels_first = pixels.transpose(2, 0, 1)
+    channels_first = resize_and_normalise(image, height, width, config, name)
     # A still image is a clip of `temporal_patch_size` identical frames (what the Conv3d expects).
     frames = np.broadcast_to(channels_first, (config.temporal_patch_size, *channels_first.shape))
     grid_thw = (1, height // config.patch_size, width // config.patch_size)

@@ -1,4 +1,4 @@
-"""The image-text Grain pipeline: a weighted mixture of packed sources, sharded per host, resumable.
+"""The image/video-text Grain pipeline: a weighted mixture of packed sources, sharded per host, resumable.
 
 Tokenising and planning the rows happens once in memory (`pack_mm_corpus`); a row's arrays are
 built when Grain reads it, in worker processes if asked, so the padded pixels of every row never
@@ -19,9 +19,12 @@ A row (keys `MM_ROW_KEYS`; a batch adds a leading [B]):
     pixel_values   float32 [P, D]     the row's images' patch rows in order, then zero rows
     image_grid_thw int32   [I, 3]     the row's images' (t, h, w) in order, then (0, 0, 0) rows
     num_images     int32   []         how many image_grid_thw rows are real
+and with a video budget (`VIDEO_ROW_KEYS`), the same for videos:
+    pixel_values_videos float32 [Pv, D], video_grid_thw int32 [V, 3], num_videos int32 []
 The padding grids (0, 0, 0) cover no patches and no tokens; the padding patches are the rows past
-sum(t * h * w). The model takes pixel_values and image_grid_thw of a batch as they are (per-row
-images); `vision_tower_inputs` turns a batch into HF's flat layout.
+sum(t * h * w). loss_mask is 0 for targets inside a block: a video's timestamp text is given too.
+The model takes a batch's pixels and grids as they are (per-row images and videos);
+`vision_tower_inputs` turns a batch into HF's flat layout.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tokenizers import Tokenizer
 from qwen_jax.config import ModelConfig
 from qwen_jax.data.mm_packing import (
     Piece,
+    RowBudget,
     SkipRecord,
     TokenizedDocument,
     budget_problem,
@@ -53,6 +57,7 @@ from qwen_jax.model.vlm import vision_tower_inputs  # noqa: F401 - the batch's r
 
 MM_ROW_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask", "pixel_values",
                "image_grid_thw", "num_images")
+VIDEO_ROW_KEYS = ("pixel_values_videos", "video_grid_thw", "num_videos")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,23 +68,30 @@ class MMPackedCorpus:
     rows: tuple[tuple[Piece, ...], ...]
     skipped: dict[str, int]
     config: ModelConfig  # vision token ids, merge size and patch_dim; rope_index's config
-    seq_len: int
-    max_patches: int
-    max_images: int
+    budget: RowBudget
     pad_id: int
 
     @property
     def num_rows(self) -> int:
         return len(self.rows)
 
+    @property
+    def seq_len(self) -> int:
+        return self.budget.seq_len
+
+    @property
+    def row_keys(self) -> tuple[str, ...]:
+        """The keys of a row: MM_ROW_KEYS, and VIDEO_ROW_KEYS with a video budget."""
+        return MM_ROW_KEYS + (VIDEO_ROW_KEYS if self.budget.max_video_patches else ())
+
     def row(self, index: int) -> dict[str, np.ndarray]:
         """Row `index` as arrays (see the module docstring)."""
-        return build_row(self.documents, self.rows[index], self.config, seq_len=self.seq_len,
-                         max_patches=self.max_patches, max_images=self.max_images,
+        return build_row(self.documents, self.rows[index], self.config, self.budget,
                          pad_id=self.pad_id)
 
 
-def _check_budgets(config: ModelConfig, seq_len: int, max_patches: int) -> None:
+def _check_budgets(config: ModelConfig, seq_len: int, max_patches: int,
+                   max_video_patches: int) -> None:
     """The row sizes must work with the model: whole merge blocks of patches."""
     if config.vision is None:
         raise ValueError("the image-text pipeline needs a model config with a vision tower")
@@ -87,18 +99,26 @@ def _check_budgets(config: ModelConfig, seq_len: int, max_patches: int) -> None:
     if seq_len < 2 or max_patches < blocks or max_patches % blocks:
         raise ValueError(f"seq_len ({seq_len}) must be >= 2 and max_patches ({max_patches}) a "
                          f"positive multiple of spatial_merge_size^2 = {blocks}")
+    if max_video_patches < 0 or max_video_patches % blocks:
+        raise ValueError(f"max_video_patches ({max_video_patches}) must be 0 (no videos) or a "
+                         f"positive multiple of spatial_merge_size^2 = {blocks}")
 
 
 def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *, seq_len: int,
-                   max_patches: int, max_images: int | None = None,
-                   strict: bool = False) -> MMPackedCorpus:
+                   max_patches: int, max_images: int | None = None, max_video_patches: int = 0,
+                   max_videos: int | None = None, strict: bool = False) -> MMPackedCorpus:
     """Tokenise str / ImageTextRecord documents (skipping and counting bad ones; strict: raising
-    ValueError("<source>: <reason>") on the first) and plan rows of seq_len tokens and at most
-    max_patches patches and max_images images (default: one per merge block)."""
-    _check_budgets(config, seq_len, max_patches)
+    ValueError("<source>: <reason>") on the first) and plan rows of seq_len tokens, at most
+    max_patches image patches and max_images images (default: one per merge block), and
+    max_video_patches video patches and max_videos videos (0: rows without video arrays; a
+    document with a video is then skipped as too_many_video_patches)."""
+    _check_budgets(config, seq_len, max_patches, max_video_patches)
     check_vision_tokens(tokenizer, config)
-    if max_images is None:
-        max_images = max_patches // config.vision.spatial_merge_size**2
+    blocks = config.vision.spatial_merge_size**2
+    budget = RowBudget(seq_len, max_patches,
+                       max_patches // blocks if max_images is None else max_images,
+                       max_video_patches,
+                       max_video_patches // blocks if max_videos is None else max_videos)
     eos = eos_id(tokenizer)
     if eos is None:
         raise ValueError("the tokenizer has no <|endoftext|> token to end documents with")
@@ -106,8 +126,7 @@ def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *
     for index, record in enumerate(documents):
         try:
             document = tokenize_record(tokenizer, record, config, eos)
-            problem = budget_problem(document, seq_len=seq_len, max_patches=max_patches,
-                                     max_images=max_images)
+            problem = budget_problem(document, budget)
         except SkipRecord as skip:
             problem = skip.reason
         if not problem:
@@ -118,10 +137,10 @@ def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *
             skipped[problem] += 1
     if not kept:
         raise ValueError(f"no usable documents among {len(documents)} (skipped: {dict(skipped)})")
-    rows = plan_rows(kept, seq_len=seq_len, max_patches=max_patches, max_images=max_images)
+    rows = plan_rows(kept, budget)
     padding = pad_id(tokenizer)
-    return MMPackedCorpus(tuple(kept), tuple(rows), dict(sorted(skipped.items())), config, seq_len,
-                          max_patches, max_images, eos if padding is None else padding)
+    return MMPackedCorpus(tuple(kept), tuple(rows), dict(sorted(skipped.items())), config, budget,
+                          eos if padding is None else padding)
 
 
 class _PlannedRows:
@@ -139,11 +158,9 @@ class _PlannedRows:
 
 def _same_row_shapes(corpora: Mapping[str, MMPackedCorpus]) -> None:
     """Rows of every source must stack into one batch shape (one compiled step)."""
-    shapes = {name: (c.seq_len, c.max_patches, c.max_images, c.config.vision.patch_dim)
-              for name, c in corpora.items()}
+    shapes = {name: (*c.budget, c.config.vision.patch_dim) for name, c in corpora.items()}
     if len(set(shapes.values())) > 1:
-        raise ValueError(
-            f"sources differ in (seq_len, max_patches, max_images, patch_dim): {shapes}")
+        raise ValueError(f"sources differ in ({', '.join(RowBudget._fields)}, patch_dim): {shapes}")
 
 
 class MMBatchIterator:
@@ -244,5 +261,5 @@ def make_mm_eval_batches(corpus: MMPackedCorpus, *, batch_size: int, max_batches
             if position >= corpus.num_rows:  # a filler: seen by the model, never scored
                 row["loss_mask"] = np.zeros_like(row["loss_mask"])
             rows.append(row)
-        batches.append({key: np.stack([row[key] for row in rows]) for key in MM_ROW_KEYS})
+        batches.append({key: np.stack([row[key] for row in rows]) for key in corpus.row_keys})
     return batches

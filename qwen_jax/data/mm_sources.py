@@ -1,15 +1,19 @@
-"""Image-text documents: JSONL and ArrayRecord readers that skip and count bad records; offline
-digits and photos.
+"""Image- and video-text documents: JSONL and ArrayRecord readers that skip and count bad records;
+offline digits and photos.
 
-A document (`ImageTextRecord`) is text segments and preprocessed images in reading order. The
-packing step tokenises the text and puts `<vision_start> <image_pad> x n <vision_end>` where each
-image stands, n = `image_placeholder_length(image.grid_thw, config.merge_size)`.
+A document (`ImageTextRecord`) is text segments and preprocessed images and videos in reading
+order. The packing step tokenises the text and puts each image's and video's placeholder block
+where it stands (mm_packing).
 
-JSONL schema, one document per line; image paths are relative to the JSONL file's folder (or
-absolute). Two forms:
+JSONL schema, one document per line; image and video paths are relative to the JSONL file's folder
+(or absolute). Two forms:
 
     {"text": "A cat on a mat.", "images": ["cat.png"]}   images first, then the text (a caption)
-    {"parts": [{"text": "See:"}, {"image": "a.png"}, {"text": "and"}, {"image": "b.png"}]}
+    {"parts": [{"text": "See:"}, {"image": "a.png"}, {"text": "and"}, {"video": "b.mp4"}]}
+
+A video is a file PyAV decodes (mp4, webm, gif, ...) or a directory of frame images (sorted by
+name); {"video": "frames/", "fps": 4} gives a directory's frame rate (default 24) or overrides a
+file's.
 
 An ArrayRecord file holds the same JSON objects, one per record (UTF-8 bytes); there an image may
 also be the encoded file itself, {"image_bytes": "<base64 of the PNG/JPEG bytes>"}, so a shard
@@ -33,11 +37,14 @@ import numpy as np
 from PIL import Image
 
 from qwen_jax.data.images import ImageError, ImageProcessorConfig, ProcessedImage, preprocess_image
+from qwen_jax.data.videos import ProcessedVideo, VideoProcessorConfig, load_video
 
 SKIP_REASONS = {
     "bad_json": "the line is not a UTF-8 JSON object",
-    "missing_field": "no 'parts' and no 'text', or a part with no 'text', 'image' or 'image_bytes'",
-    "bad_field": "a field of the wrong type (or bad base64), or a part of two kinds at once",
+    "missing_field": "no 'parts' and no 'text', or a part with no 'text', 'image', 'image_bytes' "
+                     "or 'video'",
+    "bad_field": "a field of the wrong type (or bad base64, or an fps not above 0), or a part of "
+                 "two kinds at once",
     "empty_document": "no text but whitespace: nothing to learn from",
     "missing_image": "an image file does not exist",
     "corrupt_image": "an image file does not decode",
@@ -45,6 +52,11 @@ SKIP_REASONS = {
     "image_too_small": "an image side shorter than min_image_side",
     "extreme_aspect_ratio": "an image longer than 200:1",
     "unsupported_mode": "an image mode PIL cannot convert to RGB",
+    "missing_video": "a video file or frame directory does not exist",
+    "corrupt_video": "a video file or one of its sampled frames does not decode",
+    "empty_video": "a video without frames",
+    "video_too_short": "a video of fewer frames than one temporal patch",
+    "frame_size_mismatch": "a video whose frames differ in size",
 }
 # Smaller images are icons and spacer pixels: upscaled to the pixel budget they teach nothing.
 MIN_IMAGE_SIDE = 16
@@ -53,15 +65,21 @@ DIGIT_UPSCALE = 8  # 8x8 -> 64x64 pixels: with a 64*64 budget, 4x4 patches = 4 i
 
 @dataclasses.dataclass(frozen=True)
 class ImageTextRecord:
-    """One document: text segments (str) and images in reading order; `source` says where from."""
+    """One document: text segments (str), images and videos in reading order; `source` says where
+    from."""
 
-    parts: tuple[str | ProcessedImage, ...]
+    parts: tuple[str | ProcessedImage | ProcessedVideo, ...]
     source: str  # "file.jsonl:12" or "sklearn digits[3]", for messages
 
     @property
     def images(self) -> list[ProcessedImage]:
         """The images in order: their pixel_values concatenate to the model's pixel_values."""
         return [part for part in self.parts if isinstance(part, ProcessedImage)]
+
+    @property
+    def videos(self) -> list[ProcessedVideo]:
+        """The videos in order (pixel_values_videos)."""
+        return [part for part in self.parts if isinstance(part, ProcessedVideo)]
 
 
 class _Skip(Exception):
@@ -73,11 +91,12 @@ class _Skip(Exception):
         self.detail = detail
 
 
-PART_KINDS = ("text", "image", "image_bytes")
+PART_KINDS = ("text", "image", "image_bytes", "video")
 
 
-def _text_or_image(part) -> tuple[str, str]:
-    """(kind, str) of one {"text": ...} / {"image": path} / {"image_bytes": base64} part."""
+def _kind_and_value(part) -> tuple[str, str]:
+    """(kind, str) of one {"text": ...} / {"image": path} / {"image_bytes": base64} /
+    {"video": path} part (a video's fps is read by `_load_video`)."""
     if not isinstance(part, dict):
         raise _Skip("bad_field", f"a part is {type(part).__name__}, not an object")
     kinds = [kind for kind in PART_KINDS if kind in part]
@@ -91,21 +110,21 @@ def _text_or_image(part) -> tuple[str, str]:
     return kind, part[kind]
 
 
-def _parts_of(document) -> list[tuple[str, str]]:
-    """The ("text", str) / ("image", path) parts of a decoded JSON line, in reading order."""
+def _parts_of(document) -> list[tuple[str, str, dict]]:
+    """(kind, value, the part's object) of a decoded JSON line's parts, in reading order."""
     if not isinstance(document, dict):
         raise _Skip("bad_json", f"the line is a JSON {type(document).__name__}, not an object")
     if "parts" in document:
         if not isinstance(document["parts"], list):
             raise _Skip("bad_field", "'parts' is not a list")
-        return [_text_or_image(part) for part in document["parts"]]
+        return [(*_kind_and_value(part), part) for part in document["parts"]]
     if "text" not in document:
         raise _Skip("missing_field", f"neither 'parts' nor 'text' among {sorted(document)}")
     images = document.get("images", [])
     if not isinstance(images, list):
         raise _Skip("bad_field", "'images' is not a list")
-    return [_text_or_image({"image": path}) for path in images] + [
-        _text_or_image({"text": document["text"]})]
+    return [(*_kind_and_value({"image": path}), {}) for path in images] + [
+        (*_kind_and_value({"text": document["text"]}), {})]
 
 
 def _image_file(kind: str, value: str, folder: Path) -> tuple[Path | io.BytesIO, str]:
@@ -141,32 +160,50 @@ def _load_image(kind: str, value: str, folder: Path, config: ImageProcessorConfi
         raise _Skip(error.reason, str(error)) from None
 
 
-def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig, min_image_side: int,
+def _load_video(part: dict, folder: Path, config: VideoProcessorConfig) -> ProcessedVideo:
+    """Decode and preprocess one video part (a file or a frame directory), or raise _Skip."""
+    fps = part.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0):
+        raise _Skip("bad_field", f"'fps' is {fps!r}, not a number above 0")
+    try:
+        return load_video(folder / part["video"], config, fps=fps)
+    except ImageError as error:  # VideoError: missing, corrupt, too short, ...
+        raise _Skip(error.reason, str(error)) from None
+
+
+def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig,
+                  video_config: VideoProcessorConfig, min_image_side: int,
                   where: str) -> ImageTextRecord:
-    """One JSON object (a JSONL line or an ArrayRecord record) -> a record with its images
-    preprocessed, or raise _Skip."""
+    """One JSON object (a JSONL line or an ArrayRecord record) -> a record with its images and
+    videos preprocessed, or raise _Skip."""
     try:
         document = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _Skip("bad_json", str(error)) from None
     parts = _parts_of(document)
     # Checked before any image is read: an empty document is skipped without decoding its images.
-    if not any(kind == "text" and value.strip() for kind, value in parts):
+    if not any(kind == "text" and value.strip() for kind, value, _ in parts):
         raise _Skip("empty_document", "no text but whitespace")
-    return ImageTextRecord(
-        parts=tuple(value if kind == "text" else _load_image(kind, value, folder, config,
-                                                             min_image_side)
-                    for kind, value in parts),
-        source=where)
+
+    def load(kind, value, part):
+        if kind == "text":
+            return value
+        if kind == "video":
+            return _load_video(part, folder, video_config)
+        return _load_image(kind, value, folder, config, min_image_side)
+
+    return ImageTextRecord(parts=tuple(load(*part) for part in parts), source=where)
 
 
-def _read_records(lines, folder: Path, config: ImageProcessorConfig, strict: bool,
+def _read_records(lines, folder: Path, config: ImageProcessorConfig,
+                  video_config: VideoProcessorConfig, strict: bool,
                   min_image_side: int) -> tuple[list[ImageTextRecord], dict[str, int]]:
     """(where, JSON bytes) pairs -> the usable records and the skip counts (strict: raise)."""
     records, skipped = [], collections.Counter()
     for where, line in lines:
         try:
-            records.append(_parse_record(line, folder, config, min_image_side, where))
+            records.append(_parse_record(line, folder, config, video_config, min_image_side,
+                                         where))
         except _Skip as skip:
             if strict:
                 raise ValueError(f"{where}: {skip.reason}: {skip.detail}") from None
@@ -175,27 +212,29 @@ def _read_records(lines, folder: Path, config: ImageProcessorConfig, strict: boo
 
 
 def load_image_text_jsonl(path: str | Path, config: ImageProcessorConfig, *, strict: bool = False,
-                          min_image_side: int = MIN_IMAGE_SIDE
+                          min_image_side: int = MIN_IMAGE_SIDE,
+                          video_config: VideoProcessorConfig = VideoProcessorConfig()
                           ) -> tuple[list[ImageTextRecord], dict[str, int]]:
     """The usable documents of a JSONL file in file order, and counts of the skipped ones by reason.
 
-    Every image is preprocessed and held in memory (24 bytes per resized pixel): right for
-    demos and small fine-tuning sets. strict=True raises ValueError("<file>:<line>: <reason>: ...")
-    on the first bad record instead of skipping it.
+    Every image and video is preprocessed and held in memory (24 bytes per resized pixel and
+    temporal patch): right for demos and small fine-tuning sets. strict=True raises
+    ValueError("<file>:<line>: <reason>: ...") on the first bad record instead of skipping it.
     """
     path = Path(path)
     with open(path, "rb") as file:  # bytes: one line that is not UTF-8 must not stop the file
         # Blank lines hold no record; a trailing one is common.
         lines = [(f"{path}:{number}", line) for number, line in enumerate(file, start=1)
                  if line.strip()]
-    return _read_records(lines, path.parent, config, strict, min_image_side)
+    return _read_records(lines, path.parent, config, video_config, strict, min_image_side)
 
 
 def load_image_text_array_record(path: str | Path, config: ImageProcessorConfig, *,
-                                 strict: bool = False, min_image_side: int = MIN_IMAGE_SIDE
+                                 strict: bool = False, min_image_side: int = MIN_IMAGE_SIDE,
+                                 video_config: VideoProcessorConfig = VideoProcessorConfig()
                                  ) -> tuple[list[ImageTextRecord], dict[str, int]]:
     """As `load_image_text_jsonl`, for an ArrayRecord file of JSON records ("<file>[<index>]" in
-    messages); image paths are relative to the file's folder."""
+    messages); image and video paths are relative to the file's folder."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     path = Path(path)
@@ -206,7 +245,7 @@ def load_image_text_array_record(path: str | Path, config: ImageProcessorConfig,
         lines = [(f"{path}[{index}]", record) for index, record in enumerate(reader.read_all())]
     finally:
         reader.close()
-    return _read_records(lines, path.parent, config, strict, min_image_side)
+    return _read_records(lines, path.parent, config, video_config, strict, min_image_side)
 
 
 def write_image_text_array_record(path: str | Path, documents: list[dict]) -> None:
@@ -248,7 +287,7 @@ def digits_image_text_records(config: ImageProcessorConfig, *, upscale: int = DI
 
 # scikit-learn's two sample photos (its `load_sample_images`), with what they show.
 PHOTO_CAPTIONS = {"china.jpg": "A photo of a Chinese temple among trees.",
-                  "flower.jpg": "A photo of a pink flower."}
+                  "flower.jpg": "A photo of an orange flower."}
 
 
 def sample_photo_records(config: ImageProcessorConfig) -> list[ImageTextRecord]:

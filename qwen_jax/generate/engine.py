@@ -50,13 +50,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
              top_k: int = 0, top_p: float = 1.0, seeds: int | Sequence[int] = 0,
              stop_ids: Sequence[int] = (), pad_id: int = 0, cache: Cache | None = None,
              max_length: int | None = None, mesh=None, rules=DEFAULT_RULES, pixel_values=None,
-             image_grid_thw=None) -> Generation:
+             image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> Generation:
     """Sample up to max_new_tokens after each prompt (token lists of any lengths).
 
     Prompts with images hold each image's `<vision_start> <image_pad> x n <vision_end>` block, and
     pixel_values [num_patches, D] / image_grid_thw [num_images, 3] give the images in the order of
     those blocks, row after row (HF's layout); the prefill embeds them and sets 3-D positions, and
-    the new tokens continue from the largest position + 1, as HF's rope deltas do.
+    the new tokens continue from the largest position + 1, as HF's rope deltas do. Videos the same
+    way: pixel_values_videos / video_grid_thw, each temporal patch's block after its timestamp.
 
     With `cache` (an earlier Generation's), the prompts are appended to those rows (an environment's
     reply, say) and nothing before them is recomputed. max_length (prompt + new tokens, default just
@@ -80,11 +81,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    images = None if pixel_values is None else (jnp.asarray(pixel_values),
-                                                jnp.asarray(image_grid_thw, jnp.int32))
+    given = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    pixels = {name: jnp.asarray(value, jnp.int32 if "grid" in name else None)
+              for name, value in given.items() if value is not None}
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(segments), cache, keys,
-                     jnp.asarray(list(stop_ids) or [-1], jnp.int32), images,
+                     jnp.asarray(list(stop_ids) or [-1], jnp.int32), pixels,
                      max_new_tokens=max_new_tokens,
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=pad_id,
                      mesh=mesh, rules=hashable_rules(rules))
@@ -92,16 +95,16 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
                                               "top_p", "pad_id", "mesh", "rules"))
-def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, images, *, max_new_tokens,
+def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, pixels, *, max_new_tokens,
               temperature, top_k, top_p, pad_id, mesh, rules):
     """Prefill, then the while_loop of sample-and-feed steps."""
     # Entered while tracing, so the sharding constraints are part of this compiled program.
     with contextlib.nullcontext() if mesh is None else activation_sharding(mesh, rules):
-        return _decode(nnx.merge(graphdef, state), ids, segments, cache, keys, stop_ids, images,
+        return _decode(nnx.merge(graphdef, state), ids, segments, cache, keys, stop_ids, pixels,
                        max_new_tokens, temperature, top_k, top_p, pad_id)
 
 
-def _decode(model, ids, segments, cache, keys, stop_ids, images, max_new_tokens, temperature, top_k,
+def _decode(model, ids, segments, cache, keys, stop_ids, pixels, max_new_tokens, temperature, top_k,
             top_p, pad_id):
     batch = ids.shape[0]
     moe = model.config.is_moe
@@ -110,15 +113,14 @@ def _decode(model, ids, segments, cache, keys, stop_ids, images, max_new_tokens,
         routing = jnp.zeros((model.config.num_hidden_layers, batch, cache.max_length,
                              model.config.num_experts_per_tok), jnp.int32)
 
-    def forward(tokens, token_segments, cache, routing, images=None):
+    def forward(tokens, token_segments, cache, routing, pixels):
         start = cache.index
-        pixels = {} if images is None else dict(zip(("pixel_values", "image_grid_thw"), images))
         out = model(tokens, segment_ids=token_segments, cache=cache, **pixels)
         if moe:
             routing = jax.lax.dynamic_update_slice(routing, out.routing, (0, 0, start, 0))
         return out, routing
 
-    out, routing = forward(ids, segments, cache, routing, images)
+    out, routing = forward(ids, segments, cache, routing, pixels)
     last = jnp.sum(segments, axis=1) - 1  # each row's last prompt token
     # Logits of that token only: the prefill's [B, T, V] logits are never used, so XLA drops them.
     logits = model.logits(jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0])
@@ -132,7 +134,7 @@ def _decode(model, ids, segments, cache, keys, stop_ids, images, max_new_tokens,
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         # The new token joins the cache (a row that stopped earlier adds padding), so a later call
         # continues after it.
-        out, routing = forward(token[:, None], (~done).astype(jnp.int32)[:, None], cache, routing)
+        out, routing = forward(token[:, None], (~done).astype(jnp.int32)[:, None], cache, routing, {})
         lengths = lengths + ~done
         done = done | jnp.isin(token, stop_ids)
         return step + 1, out.cache, out.logits[:, 0], tokens, logprobs, lengths, done, routing

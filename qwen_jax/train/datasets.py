@@ -1,5 +1,6 @@
-"""A run's data, per config.data: the default text corpus, or that text mixed with images (early
-fusion: digits, sklearn's photos, JSONL and ArrayRecord files) into one packed stream."""
+"""A run's data, per config.data: the default text corpus, or that text mixed with images and
+videos (early fusion: digits, sklearn's photos, clips made from them, JSONL and ArrayRecord files)
+into one packed stream."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from qwen_jax.data import (
     VISION_TOKENS,
     ImageProcessorConfig,
     MMBatchIterator,
+    VideoProcessorConfig,
     add_vision_tokens,
+    camera_move_records,
     digits_image_text_records,
     load_image_text_array_record,
     load_image_text_jsonl,
@@ -24,6 +27,7 @@ from qwen_jax.data import (
     make_mm_eval_batches,
     make_mm_train_iterator,
     make_train_iterator,
+    moving_digit_records,
     pack_corpus,
     pack_mm_corpus,
     python_docs_corpus,
@@ -33,7 +37,8 @@ from qwen_jax.data import (
 
 DATA_KINDS = ("text", "image_text")
 BUILT_IN_IMAGES = ("digits", "photos")
-EVAL_IMAGE_SHARE = 0.05  # of the image records, held out like the text documents
+BUILT_IN_VIDEOS = ("moving_digits", "camera_moves")
+EVAL_IMAGE_SHARE = 0.05  # of the image and of the video records, held out like the text documents
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -42,10 +47,17 @@ def default_data_config() -> ml_collections.ConfigDict:
         "kind": "text",
         # image_text only: built-in names or .jsonl / .array_record files.
         "image_sources": ["digits", "photos"],
-        "image_weight": 0.5,  # share of rows drawn from the image-text records
+        "image_weight": 0.35,  # share of rows drawn from the image-text records
         "max_patches": 256,  # image patches per row (a multiple of spatial_merge_size^2)
         "min_pixels": 32 * 32,
         "max_pixels": 64 * 64,
+        # Videos ([] for none): built-in clip sets or files, as above (a file may mix both).
+        "video_sources": ["moving_digits", "camera_moves"],
+        "video_weight": 0.15,  # share of rows drawn from the video-text records
+        "max_video_patches": 128,  # video patches per row
+        "video_fps": 2.0,  # frames sampled per second of video
+        "max_frames": 8,
+        "video_max_pixels": 4 * 64 * 64,  # frames x height x width of a resized clip
         "workers": 0,  # Grain worker processes building rows
         "strict": False,  # stop at the first bad record instead of skipping and counting it
     })
@@ -54,13 +66,14 @@ def default_data_config() -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class RunData:
     """The model config (vision token ids set for image_text), the resumable train iterator,
-    fixed eval batches, skipped records by reason, and whether batches hold images."""
+    fixed eval batches, skipped records by reason, and whether batches hold images and videos."""
 
     model_config: ModelConfig
     iterator: Any  # next() -> batch; get_state() / set_state()
     eval_batches: list[dict]
     skipped: dict[str, int]
     images: bool = False
+    videos: bool = False
 
     def close(self) -> None:
         """Stop the pipeline's worker processes, if it has any."""
@@ -78,27 +91,34 @@ def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     merged.update(dict(given))
     if merged.kind not in DATA_KINDS:
         raise ConfigError(f"data.kind is {merged.kind!r}; choose one of {DATA_KINDS}")
-    if not 0 < merged.image_weight < 1:
-        raise ConfigError(f"data.image_weight must be in (0, 1), got {merged.image_weight}")
+    video_weight = merged.video_weight if merged.video_sources else 0.0
+    if not 0 < merged.image_weight < 1 or not 0 <= video_weight < 1 - merged.image_weight:
+        raise ConfigError(f"data.image_weight must be in (0, 1) and data.video_weight in [0, 1 - "
+                          f"image_weight) (text gets the rest), got {merged.image_weight} and "
+                          f"{merged.video_weight}")
     return merged
 
 
-def load_image_records(sources, images: ImageProcessorConfig, strict: bool):
-    """Records of every image source in order, and the skipped counts of the files."""
+def load_records(field: str, sources, images: ImageProcessorConfig, videos: VideoProcessorConfig,
+                 strict: bool):
+    """Records of every source of config.data.<field> in order, and the skipped counts of files."""
+    built_in = {"digits": lambda: digits_image_text_records(images),
+                "photos": lambda: sample_photo_records(images),
+                "moving_digits": lambda: moving_digit_records(videos),
+                "camera_moves": lambda: camera_move_records(videos)}
+    known = BUILT_IN_IMAGES if field == "image_sources" else BUILT_IN_VIDEOS
     records, skipped = [], collections.Counter()
     for source in sources:
-        if source == "digits":
-            records += digits_image_text_records(images)
-        elif source == "photos":
-            records += sample_photo_records(images)
+        if source in known:
+            records += built_in[source]()
         elif source.endswith((".jsonl", ".array_record")):
             load = load_image_text_jsonl if source.endswith(".jsonl") else load_image_text_array_record
-            loaded, counts = load(Path(source), images, strict=strict)
+            loaded, counts = load(Path(source), images, strict=strict, video_config=videos)
             records += loaded
             skipped.update(counts)
         else:
-            raise ConfigError(f"data.image_sources entry {source!r} is neither one of "
-                              f"{BUILT_IN_IMAGES} nor a .jsonl / .array_record file")
+            raise ConfigError(f"data.{field} entry {source!r} is neither one of {known} nor a "
+                              ".jsonl / .array_record file")
     return records, skipped
 
 
@@ -127,22 +147,33 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
         raise ConfigError("data.kind 'image_text' needs a vision tower: set model.vision "
                           "(e.g. 'tiny')")
     model_cfg = model_cfg.replace(**add_vision_tokens(tokenizer))
-    records, skipped = load_image_records(
-        data.image_sources, ImageProcessorConfig(min_pixels=data.min_pixels,
-                                                 max_pixels=data.max_pixels), data.strict)
-    held = max(1, int(len(records) * EVAL_IMAGE_SHARE))
+    images = ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    videos = VideoProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.video_max_pixels,
+                                  fps=data.video_fps, max_frames=data.max_frames)
+    skipped, train_records, held_out = collections.Counter(), {}, list(held_out_docs)
+    with_videos = False  # a record file may hold videos among its images: rows carry them then
+    for name, field in (("images", "image_sources"), ("videos", "video_sources")):
+        records, counts = load_records(field, data[field], images, videos, data.strict)
+        skipped.update(counts)
+        with_videos |= any(record.videos for record in records)
+        if records:
+            held = max(1, int(len(records) * EVAL_IMAGE_SHARE))
+            train_records[name], held_out = records[held:], records[:held] + held_out
     pack = dict(config=model_cfg, seq_len=train_cfg.seq_len, max_patches=data.max_patches,
-                strict=data.strict)
-    corpora = {"text": pack_mm_corpus(tokenizer, train_docs, **pack),
-               "images": pack_mm_corpus(tokenizer, records[held:], **pack)}
-    # Held out: text and images both, in one corpus, so eval/loss scores both.
-    held_out = pack_mm_corpus(tokenizer, records[:held] + held_out_docs, **pack)
+                max_video_patches=data.max_video_patches if with_videos else 0, strict=data.strict)
+    corpora = {name: pack_mm_corpus(tokenizer, records, **pack)
+               for name, records in {"text": train_docs, **train_records}.items()}
+    shares = {"images": data.image_weight, "videos": data.video_weight}
+    weights = {name: shares[name] for name in train_records}
+    weights["text"] = 1 - sum(weights.values())
+    # Held out: text, images and videos in one corpus, so eval/loss scores them all.
+    held_out = pack_mm_corpus(tokenizer, held_out, **pack)
     iterator = make_mm_train_iterator(
-        corpora, global_batch_size=train_cfg.batch_size, seed=config.seed,
-        weights={"text": 1 - data.image_weight, "images": data.image_weight},
+        corpora, global_batch_size=train_cfg.batch_size, seed=config.seed, weights=weights,
         worker_count=data.workers, **hosts)
     eval_batches = make_mm_eval_batches(held_out, batch_size=train_cfg.batch_size,
                                         max_batches=train_cfg.eval_batches, **hosts)
     for corpus in (*corpora.values(), held_out):
         skipped.update(corpus.skipped)
-    return RunData(model_cfg, iterator, eval_batches, dict(skipped), images=True)
+    return RunData(model_cfg, iterator, eval_batches, dict(skipped), images=True,
+                   videos=with_videos)

@@ -80,7 +80,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                           process_index=jax.process_index(), process_count=jax.process_count())
     model_cfg = data.model_config  # with the tokenizer's vision token ids
     trainer = make_trainer(model_cfg, train_cfg, mesh, rules_from_config(config),
-                           images=data.images)
+                           images=data.images, videos=data.videos)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
 
     abstract_state = abstract_like(jax.eval_shape(lambda: trainer.init_state(config.seed)), trainer.state_shardings)

@@ -24,6 +24,9 @@ IMAGE_BATCH_AXES = {**TEXT_BATCH_AXES,
                     "positions": ("batch", None, "length"),  # [B, 3, T]
                     "pixel_values": ("batch", None, None),  # [B, P, D]
                     "image_grid_thw": ("batch", None, None)}  # [B, I, 3]
+VIDEO_BATCH_AXES = {**IMAGE_BATCH_AXES,
+                    "pixel_values_videos": ("batch", None, None),  # [B, Pv, D]
+                    "video_grid_thw": ("batch", None, None)}  # [B, V, 3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +91,15 @@ def state_shardings_for(params, optimizer, mesh: Mesh, rules):
 
 
 def model_inputs(batch: dict) -> dict:
-    """The model's keyword inputs for a batch: segment ids, and with images the packed 3-D
-    positions and the per-row images (each row embeds its own, on the device holding the row)."""
+    """The model's keyword inputs for a batch: segment ids, and with images (and videos) the packed
+    3-D positions and the per-row pixels (each row embeds its own, on the device holding the row)."""
     inputs = {"segment_ids": batch["segment_ids"]}
     if "pixel_values" in batch:
         inputs.update(positions=jnp.moveaxis(batch["positions"], 1, 0),
                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    if "pixel_values_videos" in batch:
+        inputs.update(pixel_values_videos=batch["pixel_values_videos"],
+                      video_grid_thw=batch["video_grid_thw"])
     return inputs
 
 
@@ -156,9 +162,10 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
 
 
 def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, rules, *,
-                 images: bool = False) -> Trainer:
+                 images: bool = False, videos: bool = False) -> Trainer:
     """Build the optimizer, shardings and the jitted step for this model on this mesh; with
-    `images`, batches are the image-text pipeline's (IMAGE_BATCH_AXES)."""
+    `images` (and `videos`), batches are the image-text pipeline's (IMAGE_BATCH_AXES,
+    VIDEO_BATCH_AXES)."""
     if images and model_config.vision is None:
         raise ConfigError("image-text batches need a model with a vision tower (model.vision)")
     rules = hashable_rules(rules)
@@ -169,7 +176,8 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     sizes = {"batch": train_config.batch_size, "length": train_config.seq_len, None: 1}
     batch_shardings = {
         key: NamedSharding(mesh, spec_for(axes, [sizes[axis] for axis in axes], mesh, rules))
-        for key, axes in (IMAGE_BATCH_AXES if images else TEXT_BATCH_AXES).items()}
+        for key, axes in (VIDEO_BATCH_AXES if videos else IMAGE_BATCH_AXES if images
+                          else TEXT_BATCH_AXES).items()}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(state, batch):
