@@ -98,9 +98,12 @@ class GatedAttention(nnx.Module):
     def _across_context(self, q, k, v, segment_ids, mesh):
         """q [B, T, Hq, D], k, v [B, T, Hkv, D], T split over context -> [B, T, Hq, D], split alike.
 
-        Queries stay on their shard; keys, values and segment ids are gathered over context (with GQA the
-        small side: Hkv heads), and attention runs one key block at a time (ops.blockwise_attention), so a
-        shard never holds [t, T] scores. Every shard walks all key blocks, so none idles behind another.
+        Keys, values and segment ids are gathered over context (with GQA the small side: Hkv heads),
+        and attention runs one key block at a time (ops.blockwise_attention), skipping key blocks
+        after the last query, so a shard never holds [t, T] scores. Causal work is balanced by a
+        zig-zag: the queries are cut into 2 x shards halves and shard i answers halves i and
+        2 x shards - 1 - i (`zigzag_queries`), an early and a late one, so every shard computes
+        the same number of key blocks instead of the last shard doing all of them.
         """
         batch, length = q.shape[:2]
         ids = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
@@ -109,15 +112,62 @@ class GatedAttention(nnx.Module):
         # Heads split over the tensor axis only where it divides both query and key/value heads.
         head_axes = spec_for(("heads",), (self.num_kv_heads,), mesh, rules)[0]
         per_head = PartitionSpec(batch_axes, AXIS, head_axes, None)
+        shards = context_shards(mesh)
+        scale = self.head_dim**-0.5
 
         def local(q, k, v, ids):
             keys, values, key_ids = (jax.lax.all_gather(x, AXIS, axis=1, tiled=True) for x in (k, v, ids))
-            rows, shard = ids.shape
-            positions = jnp.broadcast_to(jax.lax.axis_index(AXIS) * shard + jnp.arange(shard), (rows, shard))
             key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), key_ids.shape)
-            return blockwise_attention(q, keys, values, positions, key_positions, ids, key_ids,
-                                       scale=self.head_dim**-0.5)
+            rows, shard = ids.shape
+            index = jax.lax.axis_index(AXIS)
+            if shard % 2:  # no halves to balance: the shard's own contiguous queries
+                positions = jnp.broadcast_to(index * shard + jnp.arange(shard), (rows, shard))
+                return blockwise_attention(q, keys, values, positions, key_positions, ids, key_ids,
+                                           scale=scale)
+            halves = zigzag_queries((q, ids), shards)
+            outs = []
+            for half, ((q_half, ids_half), chunk) in enumerate(zip(halves, (index, 2 * shards - 1 - index))):
+                positions = jnp.broadcast_to(chunk * (shard // 2) + jnp.arange(shard // 2),
+                                             (rows, shard // 2))
+                outs.append(blockwise_attention(q_half, keys, values, positions, key_positions,
+                                                ids_half, key_ids, scale=scale))
+            return unzigzag_outputs(outs, shards)
 
         rows = PartitionSpec(batch_axes, AXIS)
         return jax.shard_map(local, mesh=mesh, in_specs=(per_head, per_head, per_head, rows),
                              out_specs=per_head)(q, k, v, ids)
+
+
+def zigzag_destination(chunk: int, shards: int) -> int:
+    """The shard that answers query half `chunk` of 2 x shards: chunk i and its mirror 2n-1-i
+    go to shard i, so each shard has one early and one late half."""
+    return chunk if chunk < shards else 2 * shards - 1 - chunk
+
+
+def zigzag_queries(arrays, shards: int):
+    """Inside shard_map over context: this shard's contiguous halves 2i, 2i+1 of each [B, t, ...]
+    array -> ((early half i's arrays), (late half 2n-1-i's arrays)), moved by two ppermutes."""
+    index = jax.lax.axis_index(AXIS)
+    received = []
+    for position in (0, 1):  # the shard's first halves all move at once, then its second halves
+        pairs = [(i, zigzag_destination(2 * i + position, shards)) for i in range(shards)]
+        received.append([jax.lax.ppermute(jnp.split(x, 2, axis=1)[position], AXIS, pairs)
+                         for x in arrays])
+    # An even shard i gets its early half (i itself) from the first halves' move, an odd one from
+    # the second's: chunk 2j lands on an even shard only when it is that shard's own index.
+    even = index % 2 == 0
+    early = [jnp.where(even, a, b) for a, b in zip(*received)]
+    late = [jnp.where(even, b, a) for a, b in zip(*received)]
+    return tuple(early), tuple(late)
+
+
+def unzigzag_outputs(outs, shards: int) -> jax.Array:
+    """The inverse of `zigzag_queries` for the (early, late) outputs [B, t/2, ...]: back to the
+    shard's contiguous [B, t, ...]."""
+    early, late = outs
+    even = jax.lax.axis_index(AXIS) % 2 == 0
+    back = []
+    for position, sent in ((0, jnp.where(even, early, late)), (1, jnp.where(even, late, early))):
+        pairs = [(zigzag_destination(2 * i + position, shards), i) for i in range(shards)]
+        back.append(jax.lax.ppermute(sent, AXIS, pairs))
+    return jnp.concatenate(back, axis=1)
