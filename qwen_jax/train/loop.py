@@ -20,7 +20,7 @@ from qwen_jax.train.datasets import build_run_data
 from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.reporting import WANDB_MODES, RunLogger
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token
-from qwen_jax.train.step import Trainer, make_trainer
+from qwen_jax.train.step import Trainer, host_layout_for, make_trainer
 
 
 class TrainingError(RuntimeError):
@@ -76,8 +76,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     model_cfg, train_cfg = model_config(config), train_config(config)
     mesh = make_mesh(dict(config.mesh))
     workdir.mkdir(parents=True, exist_ok=True)
-    data = build_run_data(config, workdir, model_cfg, train_cfg,
-                          process_index=jax.process_index(), process_count=jax.process_count())
+    # Hosts sharing rows (context across hosts) read the same row block and keep their own tokens.
+    layout = host_layout_for(mesh, rules_from_config(config), train_cfg)
+    data = build_run_data(config, workdir, model_cfg, train_cfg, process_index=layout.row_block,
+                          process_count=layout.row_blocks)
     model_cfg = data.model_config  # with the tokenizer's vision token ids
     trainer = make_trainer(model_cfg, train_cfg, mesh, rules_from_config(config),
                            images=data.images, videos=data.videos)

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 from qwen_jax.ops.cross_entropy import chunked_cross_entropy
+from qwen_jax.parallel.hosts import HostBatchLayout, host_batch_layout
 from qwen_jax.parallel.rules import activation_sharding, hashable_rules, param_shardings, spec_for
 from qwen_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -41,6 +42,8 @@ class Trainer:
     optimizer: optax.GradientTransformation
     state_shardings: Any
     batch_shardings: dict[str, NamedSharding]
+    batch_axes: dict[str, tuple]  # each batch key's logical axes (TEXT_BATCH_AXES, ...)
+    host_layout: HostBatchLayout  # the rows and tokens of every batch this host feeds
     step_fn: Any
     eval_fn: Any
 
@@ -54,10 +57,19 @@ class Trainer:
         return jax.jit(build, out_shardings=self.state_shardings)(params)
 
     def global_batch(self, local_batch: dict) -> dict:
-        """This host's rows [b, T, ...] -> global arrays [B, T, ...] sharded over the batch axes
-        (and T over context); keys the step does not read are dropped."""
-        return {key: jax.make_array_from_process_local_data(sharding, local_batch[key])
-                for key, sharding in self.batch_shardings.items()}
+        """This host's rows [b, T, ...] (its row block, `host_layout`) -> global arrays [B, T, ...]
+        sharded over the batch axes and T over context; where context spans hosts each keeps only
+        its own tokens. Keys the step does not read are dropped."""
+        arrays = {}
+        for key, sharding in self.batch_shardings.items():
+            value, axes = local_batch[key], self.batch_axes[key]
+            shape = [self.train_config.batch_size, *value.shape[1:]]
+            if "length" in axes:
+                axis = axes.index("length")
+                shape[axis] = value.shape[axis]
+                value = value[(slice(None),) * axis + (self.host_layout.length,)]
+            arrays[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
+        return arrays
 
 
 def new_state(params, optimizer, seed: int) -> dict:
@@ -161,6 +173,18 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
     return new, metrics
 
 
+def batch_sharding(mesh: Mesh, rules, train_config: TrainConfig, axes=("batch", "length")) -> NamedSharding:
+    """The sharding of a batch array with these logical axes (only batch and length are split)."""
+    sizes = {"batch": train_config.batch_size, "length": train_config.seq_len, None: 1}
+    return NamedSharding(mesh, spec_for(axes, [sizes[axis] for axis in axes], mesh, rules))
+
+
+def host_layout_for(mesh: Mesh, rules, train_config: TrainConfig) -> HostBatchLayout:
+    """The row block and tokens of each batch this host loads (before any trainer exists)."""
+    return host_batch_layout(batch_sharding(mesh, hashable_rules(rules), train_config),
+                             train_config.batch_size, train_config.seq_len)
+
+
 def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, rules, *,
                  images: bool = False, videos: bool = False) -> Trainer:
     """Build the optimizer, shardings and the jitted step for this model on this mesh; with
@@ -172,12 +196,9 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     graphdef, params = abstract_params(model_config)
     optimizer = make_optimizer(train_config)
     shardings = state_shardings_for(params, optimizer, mesh, rules)
-    # Only the batch and length dims are ever sharded: the others' sizes do not matter here.
-    sizes = {"batch": train_config.batch_size, "length": train_config.seq_len, None: 1}
-    batch_shardings = {
-        key: NamedSharding(mesh, spec_for(axes, [sizes[axis] for axis in axes], mesh, rules))
-        for key, axes in (VIDEO_BATCH_AXES if videos else IMAGE_BATCH_AXES if images
-                          else TEXT_BATCH_AXES).items()}
+    batch_axes = VIDEO_BATCH_AXES if videos else IMAGE_BATCH_AXES if images else TEXT_BATCH_AXES
+    batch_shardings = {key: batch_sharding(mesh, rules, train_config, axes)
+                       for key, axes in batch_axes.items()}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(state, batch):
@@ -196,4 +217,5 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     eval_fn = jax.jit(evaluate, in_shardings=(shardings["params"], batch_shardings),
                       out_shardings=replicated)
     return Trainer(model_config, train_config, mesh, rules, graphdef, optimizer, shardings,
-                   batch_shardings, step_fn, eval_fn)
+                   batch_shardings, batch_axes, host_layout_for(mesh, rules, train_config), step_fn,
+                   eval_fn)

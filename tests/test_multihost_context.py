@@ -1,0 +1,69 @@
+"""Context across hosts: each host loads the rows its devices hold and keeps only its own tokens;
+two processes splitting every sequence over `context` train as one device does."""
+
+import collections
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qwen_jax.parallel.hosts import host_batch_layout
+from qwen_jax.parallel.mesh import make_mesh
+from qwen_jax.train.metrics import read_metrics
+from test_multiprocess import command, free_port
+
+
+FakeDevice = collections.namedtuple("FakeDevice", "id process_index")
+
+
+class HostsOf:
+    """A sharding whose devices are spread over processes as `process_of` says (device id -> host)."""
+
+    def __init__(self, sharding, process_of):
+        self.sharding, self.process_of = sharding, process_of
+
+    def devices_indices_map(self, shape):
+        return {FakeDevice(device.id, self.process_of(device.id)): index
+                for device, index in self.sharding.devices_indices_map(shape).items()}
+
+
+@pytest.mark.parametrize("mesh_sizes, spec, expected", [
+    # Rows over data across 2 hosts: two row blocks, every token.
+    ({"data": 2, "context": 4}, P("data", "context"), [(0, 2, slice(0, 64)), (1, 2, slice(0, 64))]),
+    # Context across the hosts: both read all rows and keep half the tokens each.
+    ({"context": 8}, P(None, "context"), [(0, 1, slice(0, 32)), (0, 1, slice(32, 64))]),
+])
+def test_each_host_loads_the_rows_and_tokens_its_devices_hold(mesh_sizes, spec, expected):
+    sharding = HostsOf(NamedSharding(make_mesh(mesh_sizes), spec), lambda device: device // 4)
+    layouts = [tuple(host_batch_layout(sharding, 8, 64, process_index=p)) for p in range(2)]
+    assert layouts == expected
+
+
+def test_a_host_holding_scattered_pieces_is_refused():
+    sharding = HostsOf(NamedSharding(make_mesh({"context": 8}), P(None, "context")),
+                       lambda device: device % 2)  # every other token block on each host
+    with pytest.raises(ValueError, match="process 0's devices hold parts"):
+        host_batch_layout(sharding, 8, 64, process_index=0)
+
+
+@pytest.mark.slow
+def test_two_hosts_splitting_the_sequence_match_one_device(tmp_path):
+    one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    subprocess.run(command(tmp_path / "single"), env=one_device, check=True, capture_output=True)
+    port = free_port()
+    split = [*command(tmp_path / "pair"), "--config.mesh.data=1", "--config.mesh.context=2"]
+    processes = [subprocess.Popen(split, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=dict(one_device, QWEN_JAX_COORDINATOR=f"localhost:{port}",
+                                           QWEN_JAX_NUM_PROCESSES="2", QWEN_JAX_PROCESS_ID=str(i)))
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    pair = read_metrics(tmp_path / "pair" / "metrics.jsonl")
+    assert [r["step"] for r in pair] == [r["step"] for r in single]
+    for key in ("learning/loss", "learning/grad_norm", "eval/loss"):
+        np.testing.assert_allclose([r[key] for r in pair if key in r],
+                                   [r[key] for r in single if key in r], rtol=2e-5)
