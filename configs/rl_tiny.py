@@ -35,6 +35,7 @@ def get_config():
         "entropy_coef": 0.0,
         "aggregation": "token-mean",
         "minibatches": 2,
+        "routing_replay": True,
         "lr": 3e-4,
         "warmup_steps": 40,
         "warmup_batch_size": 32,

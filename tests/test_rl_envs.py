@@ -333,7 +333,12 @@ def test_tool_env_runs_out_of_turns():
 
 def test_tool_env_with_python_tool():
     env = ToolUseEnv(tool="python", max_turns=3)
-    _, info = env.reset(5)
+    prompt, info = env.reset(5)
+    # Only what the code prints comes back: the prompt says to print the integer, with an example.
+    assert "must print the result as an integer" in prompt
+    example = prompt.split("<tool>")[2].split("</tool>")[0]
+    assert env.step(f"<tool>{example}</tool>")[0] == "<result>168\n</result>"
+    env.reset(5)
     observation, _, done, _ = env.step(f"<tool>print(int({info['expression']}))</tool>")
     assert observation == f"<result>{info['expected']}\n</result>" and not done
     assert env.step(f"<answer>{info['expected']}</answer>")[1] == 1.0

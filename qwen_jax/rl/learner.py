@@ -4,6 +4,11 @@ Scoring uses the sampler's temperature (INTERFACES.md: logprobs under softmax(lo
 trainer's logprobs of the behaviour policy equal the sampler's up to rounding; their mean gap is
 `actor/logprob_mismatch`. The ratio's denominator is the trainer's own score of the behaviour
 policy (taken before the first update of a batch), as verl and OpenRLHF do.
+
+For MoE models both forwards can replay the sampler's routing (the experts each token went to
+while sampling): the router still weights those experts, but no token switches experts because
+the trainer's numerics (or a few updates) moved a top-k boundary, which would change the token's
+logprob by far more than rounding (rollout routing replay, R3, as verl and Megatron ship it).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from flax import nnx
 from qwen_jax.rl.losses import PolicyLossConfig, policy_objective, token_entropy
 
 
-def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float):
+def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float, routing=None):
     """tokens [N, S] -> (logprobs [N, S]: log p(tokens[t] | tokens[:t]), 0 at t = 0; entropy [N, S]
-    of the distribution that sampled tokens[t])."""
+    of the distribution that sampled tokens[t]). routing int32 [N, L, S, k] replays those experts;
+    None routes freely."""
     model = nnx.merge(graphdef, params)
-    hidden = model(tokens, segment_ids=segment_ids).hidden
+    replay = None if routing is None else jnp.swapaxes(routing, 0, 1)  # the model's [L, N, S, k]
+    hidden = model(tokens, segment_ids=segment_ids, routing=replay).hidden
     logits = model.logits(hidden[:, :-1]).astype(jnp.float32) / max(temperature, 1e-6)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
     pad = jnp.zeros_like(logprobs[:, :1])
@@ -34,8 +41,9 @@ def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float)
 
 @dataclasses.dataclass(frozen=True)
 class Learner:
-    """Jitted `score(params, tokens, segment_ids) -> logprobs` and
-    `update(state, batch) -> (state, metrics)` for one model and loss."""
+    """Jitted `score(params, tokens, segment_ids, routing=None) -> logprobs` and
+    `update(state, batch) -> (state, metrics)` for one model and loss; a batch with "routing"
+    (int32 [N, L, S, k]) replays it."""
 
     graphdef: Any
     score: Any
@@ -44,12 +52,13 @@ class Learner:
 
 def make_learner(graphdef, optimizer: optax.GradientTransformation, loss: PolicyLossConfig,
                  temperature: float) -> Learner:
-    def score(params, tokens, segment_ids):
-        return sequence_logprobs(params, graphdef, tokens, segment_ids, temperature)[0]
+    def score(params, tokens, segment_ids, routing=None):
+        return sequence_logprobs(params, graphdef, tokens, segment_ids, temperature, routing)[0]
 
     def objective(params, batch):
         logprobs, entropy = sequence_logprobs(params, graphdef, batch["tokens"],
-                                              batch["segment_ids"], temperature)
+                                              batch["segment_ids"], temperature,
+                                              batch.get("routing"))
         return policy_objective(logprobs, batch["old_logprobs"], batch["advantages"],
                                 batch["loss_mask"], loss, ref_logprobs=batch.get("ref_logprobs"),
                                 entropy=entropy)  # for actor/entropy even without the bonus

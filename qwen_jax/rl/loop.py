@@ -4,7 +4,8 @@ Every step plays `groups` prompts `group_size` times each in the EnvPool, turns 
 into advantages per group, scores the episodes with the current policy (the ratio's denominator),
 and takes `minibatches` optimizer steps over them; the sampler then uses the new weights. The
 prompt order, the sampling seeds and the minibatch order are functions of the step, so a resumed
-run repeats exactly what an uninterrupted one does.
+run repeats exactly what an uninterrupted one does. For MoE models the scoring and update forwards
+replay the sampler's routing (rl.routing_replay; learner.py says why).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class RLConfig:
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     minibatches: int = 2  # optimizer steps per rollout batch
+    routing_replay: bool = True  # MoE: the learner uses the sampler's experts (dense: no effect)
     lr: float = 1e-4
     warmup_steps: int = 100  # supervised steps on demonstrations before RL (0: none)
     warmup_batch_size: int = 32
@@ -77,6 +79,9 @@ class RLConfig:
         if (self.groups * self.group_size) % self.minibatches:
             raise ConfigError(f"rl.groups x rl.group_size ({self.groups * self.group_size}) must "
                               f"be a multiple of rl.minibatches ({self.minibatches})")
+        if not isinstance(self.routing_replay, bool):
+            raise ConfigError(
+                f"rl.routing_replay must be True or False, got {self.routing_replay!r}")
         if self.temperature <= 0:
             raise ConfigError(f"rl.temperature must be > 0 (sampling), got {self.temperature}")
 
@@ -122,7 +127,9 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
     reward_s = time.perf_counter() - started + episodes.env_seconds
 
     started = time.perf_counter()
-    batch = _update_batch(episodes, advantages.reshape(-1), learner, state["params"], reference)
+    routing = episodes.routing if rl.routing_replay else None
+    batch = _update_batch(episodes, advantages.reshape(-1), routing, learner, state["params"],
+                          reference)
     mask = episodes.loss_mask
     mismatch = float(np.sum(np.abs(batch["old_logprobs"] - episodes.sampler_logprobs) * mask)
                      / max(mask.sum(), 1.0))
@@ -143,13 +150,18 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
     return state, row
 
 
-def _update_batch(episodes: Episodes, advantages, learner: Learner, params, reference) -> dict:
-    """The learner's arrays: episodes, advantages, the behaviour policy's (and reference's) scores."""
+def _update_batch(episodes: Episodes, advantages, routing, learner: Learner, params,
+                  reference) -> dict:
+    """The learner's arrays: episodes, advantages, the behaviour policy's (and reference's) scores,
+    and the routing [N, L, S, k] to replay (None: route freely)."""
     tokens, segments = jnp.asarray(episodes.tokens), jnp.asarray(episodes.segment_ids)
     batch = {"tokens": episodes.tokens, "segment_ids": episodes.segment_ids,
              "loss_mask": episodes.loss_mask, "advantages": advantages.astype(np.float32),
-             "old_logprobs": np.asarray(learner.score(params, tokens, segments))}
+             "old_logprobs": np.asarray(learner.score(params, tokens, segments, routing))}
+    if routing is not None:
+        batch["routing"] = routing
     if reference is not None:  # kl_coef > 0 only: otherwise the reference forward is skipped
+        # The reference routes freely: the KL is to its own distribution, not the sampler's experts.
         batch["ref_logprobs"] = np.asarray(learner.score(reference, tokens, segments))
     return batch
 
@@ -195,6 +207,9 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
         start = 0
         params = supervised_warmup(model_cfg, env, tokenizer, rl, seed=config.seed)
         state = fresh_state(params)
+    # Orbax restores committed arrays; committing a fresh state too means a resumed run runs the
+    # very programs an uninterrupted one compiled (and finds them in a compilation cache).
+    state = jax.device_put(state, jax.devices()[0])
     (workdir / "config.json").write_text(json.dumps(
         {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
          "rl": dataclasses.asdict(rl)}, indent=2, default=list))

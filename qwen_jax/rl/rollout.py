@@ -4,7 +4,9 @@ Each turn samples a response for every running episode in one batched `generate`
 continues the rows' decode cache, so nothing said before is recomputed; the environment's reply
 (a tool result, say) is appended as the next turn's prompt. An episode's tokens are its prompt,
 then responses and replies in order; only the sampled tokens are trained on (loss_mask 1), and
-they keep the sampler's logprobs to check the trainer against.
+they keep the sampler's logprobs to check the trainer against. For MoE models every token also
+keeps the experts the sampler routed it to (prompts and replies from their prefill, sampled tokens
+from their decode step), so that the learner can replay them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Episodes:
     rewards: np.ndarray  # float32 [N]: summed over the episode's turns
     failed: np.ndarray  # bool [N]: the environment failed (error, timeout, crash)
     env_seconds: float  # wall time inside the pool's reset and step calls
+    routing: np.ndarray | None  # int32 [N, L, S, k]: the sampler's experts (MoE; None for dense)
 
 
 def _encode(tokenizer: Tokenizer, observation) -> list[int]:
@@ -46,27 +49,35 @@ def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[in
     started = time.perf_counter()
     resets = pool.reset(list(seeds))
     env_seconds += time.perf_counter() - started
-    # Per episode: token ids, whether each was sampled, and its sampler logprob.
+    # Per episode: token ids, whether each was sampled, its sampler logprob (and MoE experts).
     ids = [[] for _ in range(count)]
     sampled = [[] for _ in range(count)]
     logprobs = [[] for _ in range(count)]
+    cfg = model.config
+    routing = None if not cfg.is_moe else np.zeros(
+        (count, cfg.num_hidden_layers, max_length, cfg.num_experts_per_tok), np.int32)
     rewards = np.zeros(count, np.float32)
     failed = np.array([result.failed is not None for result in resets])
     running = ~failed
     prompts = [_encode(tokenizer, r.observation) if r.failed is None else [pad_id] for r in resets]
     cache = None
     for turn in range(max_turns):
+        used = 0 if cache is None else int(cache.index)  # cache columns, padding included
+        # Checked before the prompts join the episodes: a reply with no room is left out, so an
+        # episode never outgrows max_length.
+        if used + max(map(len, prompts)) + max_new_tokens > max_length:
+            break  # no room for another turn: the running episodes end here, truncated
+        starts = [len(row_ids) for row_ids in ids]
         for row in np.flatnonzero(running):
             ids[row] += prompts[row]
             sampled[row] += [0] * len(prompts[row])
             logprobs[row] += [0.0] * len(prompts[row])
-        used = 0 if cache is None else int(cache.index)  # cache columns, padding included
-        if used + max(map(len, prompts)) + max_new_tokens > max_length:
-            break  # no room for another turn: the running episodes end here, truncated
         out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                        seeds=[(sample_seed * 7919 + turn * count + row) % 2**32
                               for row in range(count)],
                        stop_ids=stop_ids, pad_id=pad_id, cache=cache, max_length=max_length)
+        if routing is not None:
+            _keep_routing(routing, out, used, starts, np.flatnonzero(running))
         cache = out.cache
         tokens, lengths, new_logprobs = (np.asarray(x) for x in (out.tokens, out.lengths, out.logprobs))
         actions = {}
@@ -90,10 +101,23 @@ def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[in
                 prompts[row] = _encode(tokenizer, result.observation) or [pad_id]
         if not running.any():
             break
-    return _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds)
+    return _pad(ids, sampled, logprobs, routing, rewards, failed, max_length, pad_id, env_seconds)
 
 
-def _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_seconds) -> Episodes:
+def _keep_routing(routing: np.ndarray, out, column: int, starts, rows) -> None:
+    """Copy into routing [N, L, S, k], from episode position starts[row] on, the experts of each
+    row's real tokens (its prompt, then its sampled tokens) that the generate call `out` wrote from
+    cache column `column` on."""
+    end = int(out.cache.index)
+    valid = np.asarray(out.cache.valid[:, column:end])  # skips the padding between rows' tokens
+    experts = np.asarray(out.routing[:, :, column:end])
+    for row in rows:
+        kept = experts[:, row, valid[row]]
+        routing[row, :, starts[row]:starts[row] + kept.shape[1]] = kept
+
+
+def _pad(ids, sampled, logprobs, routing, rewards, failed, max_length, pad_id,
+         env_seconds) -> Episodes:
     """Lists of per-episode tokens -> fixed [N, max_length] arrays (one compiled learner step)."""
     count = len(ids)
     tokens = np.full((count, max_length), pad_id, np.int32)
@@ -104,4 +128,4 @@ def _pad(ids, sampled, logprobs, rewards, failed, max_length, pad_id, env_second
         n = len(ids[row])
         tokens[row, :n], segments[row, :n] = ids[row], 1
         mask[row, :n], sampler[row, :n] = sampled[row], logprobs[row]
-    return Episodes(tokens, segments, mask, sampler, rewards, failed, env_seconds)
+    return Episodes(tokens, segments, mask, sampler, rewards, failed, env_seconds, routing)

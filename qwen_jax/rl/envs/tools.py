@@ -83,7 +83,9 @@ _PROBLEMS: tuple[Callable[[random.Random], tuple[str, str]], ...] = (_warehouse,
 _TOOL_HELP = {
     "calculator": "write <tool>EXPRESSION</tool> to use a calculator (+ - * / ** and parentheses); "
                   "its value comes back as <result>VALUE</result>",
-    "python": "write <tool>CODE</tool> to run Python code; what it prints comes back as "
+    # Only printed output comes back, and a division prints a float ("40.0"): say both.
+    "python": "write <tool>CODE</tool> to run Python code; the code must print the result as an "
+              "integer, e.g. <tool>print(int(96 * 7 / 4))</tool>, and what it prints comes back as "
               "<result>OUTPUT</result>",
 }
 
