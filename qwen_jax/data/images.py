@@ -47,20 +47,26 @@ class ImageProcessorConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self):
-        for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_pixels < self.min_pixels:
-            raise ValueError(f"max_pixels ({self.max_pixels}) is below min_pixels "
-                             f"({self.min_pixels})")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values (RGB), got "
-                             f"{self.image_mean} and {self.image_std}")
+        check_processor_fields(self)
 
     @property
     def factor(self) -> int:
         """Resized H and W are multiples of this: one 2x2 merge block of patches."""
         return self.patch_size * self.merge_size
+
+
+def check_processor_fields(config) -> None:
+    """The fields an image and a video processor config share: sizes >= 1, a pixel range, RGB
+    mean and std."""
+    for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.max_pixels < config.min_pixels:
+        raise ValueError(f"max_pixels ({config.max_pixels}) is below min_pixels "
+                         f"({config.min_pixels})")
+    if len(config.image_mean) != 3 or len(config.image_std) != 3:
+        raise ValueError(f"image_mean and image_std need 3 values (RGB), got "
+                         f"{config.image_mean} and {config.image_std}")
 
 
 class ProcessedImage(NamedTuple):

@@ -25,6 +25,7 @@ from qwen_jax.data.images import (
     MAX_ASPECT_RATIO,
     ImageError,
     as_pil,
+    check_processor_fields,
     patchify_frames,
     resize_and_normalise,
 )
@@ -56,11 +57,9 @@ class VideoProcessorConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self):
-        for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "min_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_pixels < self.min_pixels:
-            raise ValueError(f"max_pixels ({self.max_pixels}) is below min_pixels ({self.min_pixels})")
+        check_processor_fields(self)
+        if self.min_frames < 1:
+            raise ValueError(f"min_frames must be >= 1, got {self.min_frames}")
         if self.max_frames < max(self.min_frames, self.temporal_patch_size):
             raise ValueError(f"max_frames ({self.max_frames}) is below min_frames "
                              f"({self.min_frames}) or temporal_patch_size ({self.temporal_patch_size})")
