@@ -80,11 +80,12 @@ def make_batch():
             "loss_mask": np.ones((4, 256), np.float32)}
 
 
-def one_step(mesh_sizes, devices=None):
-    """One AdamW step (the gradients of every parameter show in the new params), compiled once
+def one_step(mesh_sizes, initial, devices=None):
+    """One AdamW step (the gradients of every parameter show in the new params) from the `initial`
+    state (host copies, placed by the trainer's shardings), compiled once
     -> (the batch, the new state, the loss, the compiled program's text)."""
     trainer = make_trainer(MODEL, TRAIN, make_mesh(mesh_sizes, devices), DEFAULT_RULES)
-    state, batch = trainer.init_state(seed=0), trainer.global_batch(make_batch())
+    state, batch = jax.device_put(initial, trainer.state_shardings), trainer.global_batch(make_batch())
     compiled = trainer.step_fn.lower(state, batch).compile()
     state, metrics = compiled(state, batch)
     return batch, state, float(metrics["learning/loss"]), compiled.as_text()
@@ -92,13 +93,18 @@ def one_step(mesh_sizes, devices=None):
 
 @pytest.fixture(scope="module")
 def single_device():
-    return one_step({"data": 1}, jax.devices()[:1])
+    """The initial state (host copies; params are not split over context, so every mesh starts
+    from these) and one device's step from it."""
+    devices = jax.devices()[:1]
+    trainer = make_trainer(MODEL, TRAIN, make_mesh({"data": 1}, devices), DEFAULT_RULES)
+    initial = jax.tree.map(np.asarray, trainer.init_state(seed=0))
+    return initial, one_step({"data": 1}, initial, devices)
 
 
 @pytest.mark.parametrize("mesh_sizes", [{"context": 8}, {"data": 2, "context": 4}])
 def test_train_step_on_context_mesh_matches_one_device(single_device, mesh_sizes):
-    _, state_1, loss_1, _ = single_device
-    batch, state, loss, hlo = one_step(mesh_sizes)
+    initial, (_, state_1, loss_1, _) = single_device
+    batch, state, loss, hlo = one_step(mesh_sizes, initial)
     np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state_1["params"])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)

@@ -22,15 +22,42 @@ def model():
     return Qwen35ForCausalLM(TINY, rngs=nnx.Rngs(0))
 
 
-@nnx.jit(static_argnames="temperature")
-def full_logprobs(model, ids, routing=None, temperature=1.0):
-    return jax.nn.log_softmax(model(ids, routing=routing).logits.astype(jnp.float32) / temperature)
+# Every full forward runs on one [2, 80] batch (each sequence right-padded with zeros), so each
+# model compiles its forward once: the forward is causal, so the padding after a sequence changes
+# none of its logits.
+SCORE_ROWS, SCORE_LEN = 2, 80
 
 
-def scored(model, sequence, start, temperature=1.0, routing=None):
-    """logprob of sequence[t] under softmax(logits / temperature) of the full forward, t >= start."""
-    logprobs = np.asarray(full_logprobs(model, jnp.asarray([sequence]), routing, temperature))[0]
-    return logprobs[np.arange(start - 1, len(sequence) - 1), sequence[start:]]
+@nnx.jit
+def full_logits(model, ids, routing=None):
+    return model(ids, routing=routing).logits.astype(jnp.float32)
+
+
+def full_logprobs(model, sequences, temperature=1.0, routings=None):
+    """Per sequence (at most SCORE_ROWS): log softmax(logits / temperature) [len, V] of the full
+    forward (float64, on the host); MoE routings [L, 1, len, k] are replayed."""
+    assert len(sequences) <= SCORE_ROWS and max(map(len, sequences)) <= SCORE_LEN
+    ids = np.zeros((SCORE_ROWS, SCORE_LEN), np.int32)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+    routing = None
+    if routings is not None:  # padding routed to experts 0..k-1 (distinct, as top-k picks them)
+        layers, _, _, k = routings[0].shape
+        routing = np.broadcast_to(np.arange(k, dtype=np.int32), (layers, SCORE_ROWS, SCORE_LEN, k)).copy()
+        for row, chosen in enumerate(routings):
+            routing[:, row, : chosen.shape[2]] = np.asarray(chosen)[:, 0]
+        routing = jnp.asarray(routing)
+    logits = np.asarray(full_logits(model, jnp.asarray(ids), routing), np.float64) / temperature
+    logprobs = logits - logits.max(-1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+    return [logprobs[row, : len(sequence)] for row, sequence in enumerate(sequences)]
+
+
+def scored(model, sequences, starts, temperature=1.0, routings=None):
+    """Per sequence: logprob of sequence[t] under softmax(logits / temperature) of the full forward, t >= start."""
+    return [logprobs[np.arange(start - 1, len(sequence) - 1), np.asarray(sequence[start:])]
+            for logprobs, sequence, start in zip(full_logprobs(model, sequences, temperature, routings),
+                                                 sequences, starts)]
 
 
 @nnx.jit
@@ -43,9 +70,11 @@ def test_cached_decode_and_continuation_equal_the_full_forward(model):
     """Prompts of different lengths (right-padded), decode steps, a ragged continuation, more steps."""
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, TINY.vocab_size, 70) for _ in range(2)]
-    full = [np.asarray(full_logprobs(model, jnp.asarray(s[None])))[0] for s in sequences]
+    full = full_logprobs(model, sequences)
     cache = model.init_cache(2, 90)
-    turns = [[37, 20], [1, 1], [1, 1], [7, 3], [1, 1]]  # new tokens per row at each call
+    # New tokens per row at each call: a ragged continuation (3 and 37 tokens) as wide as the
+    # prompts, so the decode steps and the wide calls compile once each.
+    turns = [[37, 20], [1, 1], [1, 1], [3, 37], [1, 1]]
     done = [0, 0]
     for lengths in turns:
         ids, segments = right_pad([s[d:d + n] for s, d, n in zip(sequences, done, lengths)])
@@ -59,29 +88,30 @@ def test_cached_decode_and_continuation_equal_the_full_forward(model):
 
 def test_sampler_logprobs_equal_the_training_forward_and_continuation_reuses_the_cache(model):
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4]]
-    first = generate(model, prompts, max_new_tokens=5, temperature=0.7, top_k=40, top_p=0.9,
-                     seeds=[1, 2], max_length=40)
-    replies = [[20, 21, 22], [23]]
-    second = generate(model, replies, max_new_tokens=4, temperature=0.7, seeds=[3, 4],
-                      cache=first.cache)
+    options = dict(max_new_tokens=5, temperature=0.7, top_k=40, top_p=0.9)
+    first = generate(model, prompts, **options, seeds=[1, 2], max_length=40)
+    # Replies of different lengths, as wide as the prompts: the continuation runs the same program.
+    replies = [[20, 21, 22, 24, 25, 26, 27, 28, 29], [23]]
+    second = generate(model, replies, **options, seeds=[3, 4], cache=first.cache)
+    heads = [prompts[b] + list(np.asarray(first.tokens[b])) for b in range(2)]
+    wholes = [heads[b] + replies[b] + list(np.asarray(second.tokens[b])) for b in range(2)]
+    expected_first = scored(model, heads, [len(p) for p in prompts], 0.7)
+    expected_second = scored(model, wholes, [len(h) + len(r) for h, r in zip(heads, replies)], 0.7)
     for b in range(2):
-        head = prompts[b] + list(np.asarray(first.tokens[b]))
-        np.testing.assert_allclose(first.logprobs[b], scored(model, head, len(prompts[b]), 0.7),
-                                   atol=1e-5)
-        whole = head + replies[b] + list(np.asarray(second.tokens[b]))
-        np.testing.assert_allclose(second.logprobs[b], scored(model, whole, len(head) + len(replies[b]), 0.7),
-                                   atol=1e-5)
+        np.testing.assert_allclose(first.logprobs[b], expected_first[b], atol=1e-5)
+        np.testing.assert_allclose(second.logprobs[b], expected_second[b], atol=1e-5)
 
 
 def test_moe_sampler_logprobs_equal_the_training_forward_with_routing_replay():
     moe = Qwen35ForCausalLM(preset("tiny-moe", vocab_size=300, num_hidden_layers=4), rngs=nnx.Rngs(0))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
     out = generate(moe, prompts, max_new_tokens=6, temperature=1.0, seeds=[1, 2])
-    for b, prompt in enumerate(prompts):
-        sequence = prompt + list(np.asarray(out.tokens[b]))
-        routing = out.routing[:, b : b + 1, np.asarray(out.cache.valid[b])]  # this row's real columns
-        np.testing.assert_allclose(out.logprobs[b], scored(moe, sequence, len(prompt), routing=routing),
-                                   atol=1e-5)
+    sequences = [prompt + list(np.asarray(out.tokens[b])) for b, prompt in enumerate(prompts)]
+    # Each row's routing over its real cache columns.
+    routings = [out.routing[:, b : b + 1, np.asarray(out.cache.valid[b])] for b in range(len(prompts))]
+    expected = scored(moe, sequences, [len(p) for p in prompts], routings=routings)
+    for b in range(len(prompts)):
+        np.testing.assert_allclose(out.logprobs[b], expected[b], atol=1e-5)
 
 
 def test_greedy_matches_transformers_generate(tmp_path):
@@ -118,14 +148,18 @@ def test_sampling_options():
     assert len(set(np.asarray(draws).tolist())) > 1  # different seeds, different tokens
 
 
+# The prompts and options of the stop-token and sharding tests: one compiled one-device program.
+PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
+SAMPLING = dict(max_new_tokens=6, temperature=1.0)
+
+
 def test_rows_stop_at_a_stop_token_and_seeds_reproduce(model):
-    prompts = [[1, 2, 3], [4, 5, 6, 7]]
-    free = generate(model, prompts, max_new_tokens=6, temperature=1.0, seeds=[7, 8])
-    again = generate(model, prompts, max_new_tokens=6, temperature=1.0, seeds=[7, 8])
+    prompts = PROMPTS
+    free = generate(model, prompts, **SAMPLING, seeds=[7, 8, 9, 10])
+    again = generate(model, prompts, **SAMPLING, seeds=[7, 8, 9, 10])
     np.testing.assert_array_equal(free.tokens, again.tokens)
     stop = int(free.tokens[0, 2])
-    stopped = generate(model, prompts, max_new_tokens=6, temperature=1.0, seeds=[7, 8],
-                       stop_ids=[stop], pad_id=0)
+    stopped = generate(model, prompts, **SAMPLING, seeds=[7, 8, 9, 10], stop_ids=[stop], pad_id=0)
     first_stop = list(np.asarray(free.tokens[0])).index(stop)
     assert int(stopped.lengths[0]) == first_stop + 1
     np.testing.assert_array_equal(stopped.tokens[0, : first_stop + 1], free.tokens[0, : first_stop + 1])
@@ -163,6 +197,7 @@ def test_cli_generate_from_a_workdir(tmp_path, model, tokenizer, capsys):
     import orbax.checkpoint as ocp
 
     from qwen_jax.cli import main
+    from qwen_jax.generate.loading import load_for_generation
 
     (tmp_path / "config.json").write_text(json.dumps({"model": dataclasses.asdict(TINY)}))
     tokenizer.save(str(tmp_path / "tokenizer.json"))
@@ -171,7 +206,13 @@ def test_cli_generate_from_a_workdir(tmp_path, model, tokenizer, capsys):
                           {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
     main(["generate", f"--model={tmp_path}", "--prompt=def", "--max-new-tokens=5", "--temperature=0.8",
           "--seed=4"])
-    expected = generate(model, [tokenizer.encode("def").ids], max_new_tokens=5, temperature=0.8,
+    # The workdir's model is this model (its config and every parameter), so the expected tokens
+    # come from it: it shares the CLI's compiled program.
+    loaded, _, stop_ids = load_for_generation(tmp_path)
+    assert loaded.config == model.config and stop_ids == [0]
+    for got, want in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    expected = generate(loaded, [tokenizer.encode("def").ids], max_new_tokens=5, temperature=0.8,
                         seeds=[4], stop_ids=[0])
     new = np.asarray(expected.tokens[0, : int(expected.lengths[0])]).tolist()
     text = tokenizer.decode(new, skip_special_tokens=False)
@@ -188,9 +229,8 @@ def test_sharded_generation_equals_one_device(model):
     nnx.replace_by_pure_dict(state, jax.device_put(params, param_shardings(params, mesh, DEFAULT_RULES)))
     sharded = nnx.merge(graphdef, state)
     assert tuple(sharded.tail.layers[0].mlp.up_proj.kernel[...].sharding.spec) == ("fsdp", "tensor")
-    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
-    single = generate(model, prompts, max_new_tokens=5, temperature=0.9, seeds=[0, 1, 2, 3])
-    out = generate(sharded, prompts, max_new_tokens=5, temperature=0.9, seeds=[0, 1, 2, 3], mesh=mesh)
+    single = generate(model, PROMPTS, **SAMPLING, seeds=[0, 1, 2, 3])
+    out = generate(sharded, PROMPTS, **SAMPLING, seeds=[0, 1, 2, 3], mesh=mesh)
     np.testing.assert_array_equal(out.tokens, single.tokens)
     np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
     keys = out.cache.groups[-1]["k"]  # [G, B, S, Hkv, D]: rows over data x fsdp, heads over tensor

@@ -33,34 +33,53 @@ def case(request, tmp_path_factory):
     return hf_model, path, ids
 
 
+@pytest.fixture(scope="module")
+def loaded(case):
+    """Our model loaded from the case's directory, once per case (so its forward compiles once)."""
+    return qwen_jax.load_hf(case[1])
+
+
 @nnx.jit
 def forward_logits(model, ids, segment_ids=None):
     return model(ids, segment_ids=segment_ids).logits
 
 
-def test_load_hf_matches_transformers(case):
+def test_load_hf_matches_transformers(case, loaded):
     hf_model, path, ids = case
-    model = qwen_jax.load_hf(path)
-    assert relative_error(forward_logits(model, ids), hf_logits(hf_model, ids)) < 1e-4
+    assert relative_error(forward_logits(loaded, ids), hf_logits(hf_model, ids)) < 1e-4
 
 
-def test_save_hf_round_trips_through_transformers(case, tmp_path):
+def test_save_hf_round_trips_through_transformers(case, loaded, tmp_path):
     hf_model, path, ids = case
-    qwen_jax.save_hf(qwen_jax.load_hf(path), tmp_path)
+    qwen_jax.save_hf(loaded, tmp_path)
     reloaded = Qwen3_5ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert relative_error(hf_logits(reloaded, ids), hf_logits(hf_model, ids)) < 1e-6
 
 
-def test_segment_positions_restart_per_document(case):
+def alone_logits(model, documents, shape):
+    """Each document's logits with nothing before it and no segment ids: right-padded with zeros
+    into batches of the test ids' shape (the shape whose forward is compiled already; the forward
+    is causal, so the padding after a document changes none of its logits)."""
+    rows, _ = shape
+    out = []
+    for first in range(0, len(documents), rows):
+        batch = documents[first : first + rows]
+        ids = np.zeros(shape, np.int64)
+        for row, document in enumerate(batch):
+            ids[row, : len(document)] = document
+        logits = np.asarray(forward_logits(model, ids))
+        out += [logits[row, : len(document)] for row, document in enumerate(batch)]
+    return out
+
+
+def test_segment_positions_restart_per_document(case, loaded):
     """A packed row gives each document exactly the logits it has alone."""
     hf_model, path, ids = case
-    model = qwen_jax.load_hf(path)
     row = ids[0]
     cut = len(row) // 3
     segment_ids = np.where(np.arange(len(row)) < cut, 1, 2)[None]
-    packed = np.asarray(forward_logits(model, row[None], segment_ids))[0]
-    first = np.asarray(forward_logits(model, row[None, :cut]))[0]
-    second = np.asarray(forward_logits(model, row[None, cut:]))[0]
+    packed = np.asarray(forward_logits(loaded, row[None], segment_ids))[0]
+    first, second = alone_logits(loaded, [row[:cut], row[cut:]], ids.shape)
     # Chunk boundaries fall elsewhere in the two runs, so agreement is fp32 rounding, not bitwise.
     assert relative_error(packed[:cut], first) < 1e-4
     assert relative_error(packed[cut:], second) < 1e-4

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -25,13 +26,20 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    """(HF model, its save_pretrained dir (per-expert keys), input ids) for one config."""
+    """(HF model, its save_pretrained dir (per-expert keys), input ids, HF's logits and aux loss on
+    them) for one config."""
     config_kwargs, shape = CASES[request.param]
     hf_model = build_hf_model(hf_moe_config(**config_kwargs))
     path = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(path)
     ids = np.random.default_rng(0).integers(0, hf_model.config.vocab_size, shape)
-    return hf_model, path, ids
+    return hf_model, path, ids, hf_logits_and_aux(hf_model, ids)
+
+
+@pytest.fixture(scope="module")
+def loaded(case):
+    """Our model loaded from the case's directory (once per case: its forward compiles once)."""
+    return qwen_jax.load_hf(case[1])
 
 
 @nnx.jit
@@ -58,31 +66,35 @@ def fuse_experts(source, target):
     return target
 
 
-def test_logits_and_aux_loss_match_transformers(case):
-    hf_model, path, ids = case
+def test_logits_and_aux_loss_match_transformers(case, loaded):
+    _, path, ids, (hf_logits, hf_aux) = case
     assert any(".mlp.experts.0.gate_proj.weight" in k for k in load_file(path / "model.safetensors"))
-    logits, aux = forward(qwen_jax.load_hf(path), ids)
-    hf_logits, hf_aux = hf_logits_and_aux(hf_model, ids)
+    logits, aux = forward(loaded, ids)
     assert relative_error(logits, hf_logits) < 1e-4
     assert abs(float(aux) - hf_aux) / hf_aux < 1e-4
 
 
-def test_fused_expert_layout_loads_the_same_model(case, tmp_path):
-    _, path, ids = case
+def test_fused_expert_layout_loads_the_same_model(case, loaded, tmp_path):
+    _, path, _, _ = case
     fused = fuse_experts(path, tmp_path / "fused")
     assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(fused / "model.safetensors")
-    np.testing.assert_array_equal(np.asarray(forward(qwen_jax.load_hf(fused), ids)[0]),
-                                  np.asarray(forward(qwen_jax.load_hf(path), ids)[0]))
+    # The same config and bit-identical parameters as the per-expert layout: the same model (and so
+    # the same logits) without compiling its forward again for another source directory.
+    model = qwen_jax.load_hf(fused)
+    assert model.config == loaded.config
+    ours, theirs = nnx.state(model, nnx.Param), nnx.state(loaded, nnx.Param)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_save_hf_round_trips_through_transformers(case, tmp_path):
-    hf_model, path, ids = case
-    qwen_jax.save_hf(qwen_jax.load_hf(path), tmp_path)
+def test_save_hf_round_trips_through_transformers(case, loaded, tmp_path):
+    hf_model, _, ids, (expected, expected_aux) = case
+    qwen_jax.save_hf(loaded, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == hf_model.config.model_type
     reloaded = HF_CLASSES[type(hf_model.config)].from_pretrained(
         tmp_path, attn_implementation="eager", experts_implementation="eager").eval()
-    expected, expected_aux = hf_logits_and_aux(hf_model, ids)
     got, got_aux = hf_logits_and_aux(reloaded, ids)
     assert relative_error(got, expected) < 1e-6
     assert got_aux == pytest.approx(expected_aux, rel=1e-6)

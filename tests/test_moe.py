@@ -1,6 +1,8 @@
 """MoE dispatch (padded == ragged == a per-assignment loop), expert parallelism over the mesh, and
 routing replay."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,11 +52,21 @@ def local_ffn(dispatch, capacity_factor=1.25):
     return run
 
 
-def values_and_grads(ffn, x, experts, gate_up, down):
-    cotangent = jax.random.normal(jax.random.key(7), (TOKENS, TOP_K, HIDDEN))
-    loss = lambda x, gate_up, down: jnp.sum(ffn(x, experts, gate_up, down) * cotangent)
-    return jax.jit(ffn)(x, experts, gate_up, down), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
-        x, gate_up, down)
+COTANGENT = np.random.default_rng(7).standard_normal((TOKENS, TOP_K, HIDDEN)).astype(np.float32)
+
+
+def values_and_grads(ffn):
+    """ffn -> a function of (x, experts, gate_up, down) giving (ffn's output, the gradients of
+    <output, COTANGENT> for x, gate_up, down). Both are jitted once: the routing is an argument,
+    so every routing reuses the compiled programs."""
+    value = jax.jit(ffn)
+    loss = lambda x, gate_up, down, experts: jnp.sum(ffn(x, experts, gate_up, down) * COTANGENT)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return lambda x, experts, gate_up, down: (value(x, experts, gate_up, down),
+                                              grads(x, gate_up, down, experts))
+
+
+RAGGED, PADDED = values_and_grads(local_ffn("ragged")), values_and_grads(local_ffn("padded"))
 
 
 @pytest.mark.parametrize("kind", ["random", "all_to_one"])
@@ -63,29 +75,34 @@ def test_padded_dispatch_equals_ragged_and_the_definition(kind):
     experts = jnp.asarray(routing(kind))
     gate_up, down = expert_weights()
     reference = per_assignment_loop(*map(np.asarray, (x, experts, gate_up, down)))
-    ragged, ragged_grads = values_and_grads(local_ffn("ragged"), x, experts, gate_up, down)
+    ragged, ragged_grads = RAGGED(x, experts, gate_up, down)
     np.testing.assert_allclose(ragged, reference, rtol=1e-5, atol=1e-5)
     # all_to_one overflows experts 0 and 1 far past capacity: the overflow pass must catch it all.
-    padded, padded_grads = values_and_grads(local_ffn("padded"), x, experts, gate_up, down)
+    padded, padded_grads = PADDED(x, experts, gate_up, down)
     np.testing.assert_allclose(padded, ragged, rtol=1e-6, atol=1e-6)
     for got, want in zip(padded_grads, ragged_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["random", "all_to_one"])
-@pytest.mark.parametrize("mesh_sizes", [{"expert": 8}, {"data": 2, "expert": 4}])
-def test_expert_parallel_ffn_equals_one_device(kind, mesh_sizes):
-    mesh = make_mesh(mesh_sizes)
-    x = jax.random.normal(jax.random.key(3), (TOKENS, HIDDEN))
-    experts = jnp.asarray(routing(kind))
-    gate_up, down = expert_weights()
+@functools.cache
+def parallel_ffn(mesh_items):
+    """The expert-parallel FFN on the mesh of these (axis, size) items, compiled once per mesh."""
+    mesh = make_mesh(dict(mesh_items))
 
     def parallel(x, experts, gate_up, down):
         return expert_parallel_ffn(x, experts, gate_up, down, mesh=mesh, dispatch="padded",
                                    capacity_factor=1.25)
+    return values_and_grads(parallel)
 
-    got, got_grads = values_and_grads(parallel, x, experts, gate_up, down)
-    want, want_grads = values_and_grads(local_ffn("ragged"), x, experts, gate_up, down)
+
+@pytest.mark.parametrize("kind", ["random", "all_to_one"])
+@pytest.mark.parametrize("mesh_sizes", [{"expert": 8}, {"data": 2, "expert": 4}])
+def test_expert_parallel_ffn_equals_one_device(kind, mesh_sizes):
+    x = jax.random.normal(jax.random.key(3), (TOKENS, HIDDEN))
+    experts = jnp.asarray(routing(kind))
+    gate_up, down = expert_weights()
+    got, got_grads = parallel_ffn(tuple(mesh_sizes.items()))(x, experts, gate_up, down)
+    want, want_grads = RAGGED(x, experts, gate_up, down)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -103,11 +120,12 @@ def make_batch(seed=0):
             "loss_mask": np.ones((8, 32), np.float32)}
 
 
-def loss_and_grads(mesh_sizes, devices=None):
-    """(loss, grads, compiled HLO text, params) of the MoE model's loss on `mesh_sizes`."""
+def loss_and_grads(mesh_sizes, params, devices=None):
+    """(loss, grads, compiled HLO text, params on the mesh) of the MoE model's loss on `mesh_sizes`,
+    from the given (host) params, placed by the trainer's shardings."""
     mesh = make_mesh(mesh_sizes, devices)
     trainer = make_trainer(MOE, TRAIN, mesh, DEFAULT_RULES)
-    params = trainer.init_state(seed=0)["params"]
+    params = jax.device_put(params, trainer.state_shardings["params"])
     batch = trainer.global_batch(make_batch())
 
     def run(params, batch):
@@ -117,21 +135,25 @@ def loss_and_grads(mesh_sizes, devices=None):
         return loss, grads
 
     step = jax.jit(run, in_shardings=(trainer.state_shardings["params"], trainer.batch_shardings))
-    loss, grads = step(params, batch)
-    return loss, grads, step.lower(params, batch).compile().as_text(), params
+    compiled = step.lower(params, batch).compile()
+    loss, grads = compiled(params, batch)
+    return loss, grads, compiled.as_text(), params
 
 
 @pytest.fixture(scope="module")
 def single_device():
-    loss, grads, _, _ = loss_and_grads({"data": 1}, jax.devices()[:1])
-    return float(loss), jax.tree.map(np.asarray, grads)
+    """One device: the model's initial params (host copies), the loss and its gradients."""
+    trainer = make_trainer(MOE, TRAIN, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
+    params = jax.tree.map(np.asarray, trainer.init_state(seed=0)["params"])
+    loss, grads, _, _ = loss_and_grads({"data": 1}, params, jax.devices()[:1])
+    return params, float(loss), jax.tree.map(np.asarray, grads)
 
 
 @pytest.mark.parametrize("mesh_sizes", [{"expert": 8}, {"data": 2, "expert": 4},
                                         {"fsdp": 2, "expert": 4}])
 def test_expert_parallel_model_matches_one_device(single_device, mesh_sizes):
-    loss_1, grads_1 = single_device
-    loss, grads, hlo, params = loss_and_grads(mesh_sizes)
+    params_1, loss_1, grads_1 = single_device
+    loss, grads, hlo, params = loss_and_grads(mesh_sizes, params_1)
     assert float(loss) == pytest.approx(loss_1, rel=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
@@ -142,9 +164,13 @@ def test_expert_parallel_model_matches_one_device(single_device, mesh_sizes):
         assert weights.addressable_shards[0].data.shape[1] == MOE.num_experts // mesh_sizes["expert"]
 
 
-def test_train_step_reports_expert_load():
+def test_train_step_reports_expert_load(single_device):
     trainer = make_trainer(MOE, TRAIN, make_mesh({"expert": 8}), DEFAULT_RULES)
-    _, metrics = trainer.step_fn(trainer.init_state(seed=0), trainer.global_batch(make_batch()))
+    state = trainer.init_state(seed=0)
+    # Initialised on the expert mesh (each device its own experts), the params are one device's.
+    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(single_device[0])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    _, metrics = trainer.step_fn(state, trainer.global_batch(make_batch()))
     load = np.asarray(metrics["moe/expert_load"])
     assert load.shape == (MOE.num_hidden_layers, MOE.num_experts)
     np.testing.assert_array_equal(load.sum(1), 8 * 32 * MOE.num_experts_per_tok)
@@ -169,8 +195,8 @@ def test_routing_replay_reproduces_and_never_reroutes():
     # Move every weight a little: free routing changes, replay keeps the recorded experts.
     state = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    moved = [x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    rng = np.random.default_rng(1)  # NumPy: eager jax.random would compile once per weight shape
+    moved = [jnp.asarray(np.asarray(x) + 0.01 * rng.standard_normal(x.shape, np.float32)) for x in leaves]
     nnx.update(model, jax.tree.unflatten(treedef, moved))
     free_logits, free_routing = forward(model, ids)
     assert np.any(np.asarray(free_routing) != np.asarray(chosen))

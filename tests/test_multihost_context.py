@@ -2,7 +2,6 @@
 two processes splitting every sequence over `context` train as one device does."""
 
 import collections
-import os
 import subprocess
 
 import numpy as np
@@ -13,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from qwen_jax.parallel.hosts import host_batch_layout
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.train.metrics import read_metrics
-from test_multiprocess import command, free_port
+from test_multiprocess import ONE_DEVICE, command, run_pair
 
 
 FakeDevice = collections.namedtuple("FakeDevice", "id process_index")
@@ -51,16 +50,8 @@ def test_a_host_holding_scattered_pieces_is_refused():
 
 @pytest.mark.slow
 def test_two_hosts_splitting_the_sequence_match_one_device(tmp_path):
-    one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    subprocess.run(command(tmp_path / "single"), env=one_device, check=True, capture_output=True)
-    port = free_port()
-    split = [*command(tmp_path / "pair"), "--config.mesh.data=1", "--config.mesh.context=2"]
-    processes = [subprocess.Popen(split, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=dict(one_device, QWEN_JAX_COORDINATOR=f"localhost:{port}",
-                                           QWEN_JAX_NUM_PROCESSES="2", QWEN_JAX_PROCESS_ID=str(i)))
-                 for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
+    subprocess.run(command(tmp_path / "single"), env=ONE_DEVICE, check=True, capture_output=True)
+    run_pair([*command(tmp_path / "pair"), "--config.mesh.data=1", "--config.mesh.context=2"])
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")
     pair = read_metrics(tmp_path / "pair" / "metrics.jsonl")
     assert [r["step"] for r in pair] == [r["step"] for r in single]

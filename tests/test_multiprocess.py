@@ -28,19 +28,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    subprocess.run(command(tmp_path / "single"), env=one_device, check=True, capture_output=True)
+ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
+
+def run_pair(args: list[str]) -> None:
+    """Run `args` as processes 0 and 1 of one jax.distributed job (one CPU device each)."""
     port = free_port()
-    processes = [subprocess.Popen(command(tmp_path / "pair"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True,
-                                  env=dict(one_device, QWEN_JAX_COORDINATOR=f"localhost:{port}",
+    processes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=dict(ONE_DEVICE, QWEN_JAX_COORDINATOR=f"localhost:{port}",
                                            QWEN_JAX_NUM_PROCESSES="2", QWEN_JAX_PROCESS_ID=str(i)))
                  for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    subprocess.run(command(tmp_path / "single"), env=ONE_DEVICE, check=True, capture_output=True)
+    run_pair(command(tmp_path / "pair"))
 
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")
     pair = read_metrics(tmp_path / "pair" / "metrics.jsonl")  # written by process 0 only

@@ -71,9 +71,8 @@ def test_pallas_bf16_operands_stay_within_bf16_error():
     o, final = jax.jit(functools.partial(gated_delta_rule, method="pallas", normalize_qk=True))(
         q, k, v, g, beta, initial_state=state, segment_ids=segment_ids())
     assert o.dtype == jnp.bfloat16
-    expected_o, expected_final = gated_delta_rule(
-        *(x.astype(jnp.float32) for x in (q, k, v)), g, beta, initial_state=state, segment_ids=segment_ids(),
-        normalize_qk=True)
+    expected_o, expected_final = jax.jit(functools.partial(gated_delta_rule, normalize_qk=True))(
+        *(x.astype(jnp.float32) for x in (q, k, v)), g, beta, initial_state=state, segment_ids=segment_ids())
     assert relative_error(o, expected_o) < 1e-2
     assert relative_error(final, expected_final) < 1e-2
 
@@ -95,6 +94,13 @@ def test_gdn_impl_resolution():
         ModelConfig(gdn_impl="triton")
 
 
+@nnx.jit
+def model_loss_and_grads(model, ids, segments):
+    def loss(model):
+        return jnp.mean(model(ids, segment_ids=segments).logits ** 2)
+    return nnx.value_and_grad(loss)(model)
+
+
 def test_model_with_pallas_gdn_matches_pure_jax():
     """The tiny model's logits and gradients with gdn_impl pallas (interpreted) == with the pure-JAX op."""
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 200, (2, 80)), jnp.int32)
@@ -102,11 +108,7 @@ def test_model_with_pallas_gdn_matches_pure_jax():
     results = []
     for impl in ("jax", "pallas"):
         model = Qwen35ForCausalLM(preset("tiny", gdn_impl=impl), rngs=nnx.Rngs(0))
-
-        def loss(model):
-            return jnp.mean(model(ids, segment_ids=segments).logits ** 2)
-
-        results.append(nnx.value_and_grad(loss)(model))
+        results.append(model_loss_and_grads(model, ids, segments))  # compiled, not op by op
     (expected_loss, expected_grads), (loss, grads) = results
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
     for expected, actual in zip(jax.tree.leaves(nnx.state(expected_grads)), jax.tree.leaves(nnx.state(grads))):

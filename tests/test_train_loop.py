@@ -29,6 +29,15 @@ STEPS, EVERY = 40, 10
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """ONE_DEVICE plus a compilation cache shared by this module's training processes: they all
+    build the same program, so only the first compiles it (the others load the same executable)."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
 OVERRIDES = [f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}", *SMALL]
 
 
@@ -48,16 +57,16 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, one_device):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(train_command(workdir), env=ONE_DEVICE, check=True, capture_output=True)
+    subprocess.run(train_command(workdir), env=one_device, check=True, capture_output=True)
     return workdir
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path):
+def test_kill_and_resume_is_bitwise_identical(uninterrupted, one_device, tmp_path):
     workdir = tmp_path / "killed"
-    process = subprocess.Popen(train_command(workdir), env=ONE_DEVICE, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(train_command(workdir), env=one_device, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     killed_at = None
@@ -72,7 +81,7 @@ def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path):
         time.sleep(0.05)
     assert killed_at is not None and killed_at < STEPS, "the run finished before it could be killed"
 
-    resumed = subprocess.run(train_command(workdir), env=ONE_DEVICE, check=True, capture_output=True,
+    resumed = subprocess.run(train_command(workdir), env=one_device, check=True, capture_output=True,
                              text=True)
     first_line = resumed.stdout.splitlines()[0]
     assert first_line.startswith("resumed from step ")
@@ -90,7 +99,7 @@ def jax_leaves(tree):
 
 
 @pytest.mark.slow
-def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path):
+def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, one_device, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(uninterrupted, workdir)
     latest = workdir / "checkpoints" / str(STEPS)
@@ -103,7 +112,7 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path)
     rows = [{**row, "learning/loss": -1.0} if row["step"] > STEPS - EVERY else row for row in read_metrics(metrics)]
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
     # The same one-device setup as the uninterrupted run, so that its losses can be compared bitwise.
-    done = subprocess.run(train_command(workdir), env=ONE_DEVICE, check=True, capture_output=True, text=True)
+    done = subprocess.run(train_command(workdir), env=one_device, check=True, capture_output=True, text=True)
     assert str(partial) in done.stderr and str(latest) in done.stderr
     assert f"resumed from step {STEPS - EVERY}" in done.stdout
     assert [row["step"] for row in read_metrics(metrics)] == list(range(1, STEPS + 1))

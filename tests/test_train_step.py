@@ -24,9 +24,7 @@ def make_batch(seed=0):
             "loss_mask": np.ones((8, 64), np.float32)}
 
 
-def run_two_steps(mesh_sizes, devices=None):
-    trainer = make_trainer(MODEL, TRAIN, make_mesh(mesh_sizes, devices), DEFAULT_RULES)
-    state = trainer.init_state(seed=0)
+def run_two_steps(trainer, state):
     losses = []
     for seed in (0, 1):
         state, metrics = trainer.step_fn(state, trainer.global_batch(make_batch(seed)))
@@ -36,18 +34,29 @@ def run_two_steps(mesh_sizes, devices=None):
 
 @pytest.fixture(scope="module")
 def single_device():
-    state, losses = run_two_steps({"data": 1}, jax.devices()[:1])
-    return jax.tree.map(np.asarray, state["params"]), losses
+    """The one-device trainer (its step compiled once, for every test here), its initial state
+    (host copies) and the params and losses after two steps from it."""
+    trainer = make_trainer(MODEL, TRAIN, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
+    initial = jax.tree.map(np.asarray, trainer.init_state(seed=0))
+    state, losses = run_two_steps(trainer, jax.device_put(initial, trainer.state_shardings))
+    return trainer, initial, jax.tree.map(np.asarray, state["params"]), losses
 
 
-@pytest.mark.parametrize("mesh_sizes, sharded_axes", [
-    ({"data": 8}, set()),
-    ({"fsdp": 8}, {"fsdp"}),
-    ({"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp", "tensor"}),
+@pytest.mark.parametrize("mesh_sizes, sharded_axes, init_on_mesh", [
+    ({"data": 8}, set(), False),
+    ({"fsdp": 8}, {"fsdp"}, False),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp", "tensor"}, True),
 ])
-def test_mesh_matches_single_device(single_device, mesh_sizes, sharded_axes):
-    params_1, losses_1 = single_device
-    state, losses = run_two_steps(mesh_sizes)
+def test_mesh_matches_single_device(single_device, mesh_sizes, sharded_axes, init_on_mesh):
+    _, initial, params_1, losses_1 = single_device
+    trainer = make_trainer(MODEL, TRAIN, make_mesh(mesh_sizes), DEFAULT_RULES)
+    if init_on_mesh:  # the random init, sharded over fsdp and tensor, gives one device's params
+        state = trainer.init_state(seed=0)
+        for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(initial["params"])):
+            np.testing.assert_array_equal(np.asarray(got), want)
+    else:  # the same initial state, placed by the trainer's shardings (no init program to compile)
+        state = jax.device_put(initial, trainer.state_shardings)
+    state, losses = run_two_steps(trainer, state)
     np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
     # atol: each device sums the cross-entropy of its own tokens, so fp32 sums run in another order
     # than on one device (seen: 2 of 32K entries off by 1.9e-6 after two steps).
@@ -64,10 +73,10 @@ def test_mesh_matches_single_device(single_device, mesh_sizes, sharded_axes):
             assert array.addressable_shards[0].data.size < array.size
 
 
-def test_non_finite_gradients_are_skipped_and_counted():
-    trainer = make_trainer(MODEL, TRAIN, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
-    state = trainer.init_state(seed=0)
-    before = jax.tree.map(np.asarray, state["params"])
+def test_non_finite_gradients_are_skipped_and_counted(single_device):
+    trainer, initial, _, _ = single_device
+    state = jax.device_put(initial, trainer.state_shardings)
+    before = initial["params"]
     bad = make_batch()
     bad["loss_mask"][0, 0] = np.nan  # poisons the loss and every gradient
     state, metrics = trainer.step_fn(state, trainer.global_batch(bad))
