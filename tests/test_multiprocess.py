@@ -31,11 +31,11 @@ def free_port() -> int:
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def run_pair(args: list[str]) -> None:
+def run_pair(args: list[str], env: dict = ONE_DEVICE) -> None:
     """Run `args` as processes 0 and 1 of one jax.distributed job (one CPU device each)."""
     port = free_port()
     processes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=dict(ONE_DEVICE, QWEN_JAX_COORDINATOR=f"localhost:{port}",
+                                  env=dict(env, QWEN_JAX_COORDINATOR=f"localhost:{port}",
                                            QWEN_JAX_NUM_PROCESSES="2", QWEN_JAX_PROCESS_ID=str(i)))
                  for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in processes]

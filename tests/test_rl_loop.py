@@ -1,5 +1,6 @@
-"""The RL loop end to end through `qwen-jax rl`: a tiny policy's reward rises, and a run killed
-mid-way resumes to the same rewards and params as the uninterrupted one."""
+"""The RL loop end to end through `qwen-jax rl`: a tiny policy's reward rises, a run killed
+mid-way resumes to the same rewards and params as the uninterrupted one, and two hosts (each
+running half the environments) learn as one device does."""
 
 import os
 import signal
@@ -14,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qwen_jax.train.metrics import read_metrics
+from test_multiprocess import run_pair
 
 STEPS, EVERY = 12, 4
 # Additions of 0 and 1 (4 problems) after a short warm-up, GRPO, a checkpoint every 4 steps.
@@ -46,8 +48,14 @@ def uninterrupted(tmp_path_factory, run_env) -> Path:
 
 
 def params_at(workdir: Path, step: int):
+    """The params a run saved at `step`, on this process's first device (whatever mesh saved them)."""
+    path = workdir.absolute() / "checkpoints" / str(step) / "state"
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(workdir.absolute() / "checkpoints" / str(step) / "state")
+        target = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype,
+                                                                sharding=device),
+                              checkpointer.metadata(path).item_metadata.tree)
+        state = checkpointer.restore(path, target)
     return state["params"]
 
 
@@ -105,3 +113,22 @@ def test_killed_rl_run_resumes_to_the_uninterrupted_one(uninterrupted, run_env, 
     for row in rows:  # the sampler scores its tokens as the trainer does
         assert row["actor/logprob_mismatch"] < 1e-4 and row["env/failed"] == 0
     assert (tmp_path / "reward.png").exists()
+
+
+@pytest.mark.slow
+def test_two_hosts_learn_as_one_device(uninterrupted, run_env, tmp_path):
+    """Processes 0 and 1 (one device each, mesh data=2) each run 32 of the 64 environments and
+    half of every batch's rows: the same episodes, rewards and (to rounding) params."""
+    run_pair([*rl_command(tmp_path), f"--config.rl.steps={EVERY}"], env=run_env)
+    for key in ("rewards/mean", "rewards/std", "response_length/mean"):
+        want = {step: value for step, value in per_step(uninterrupted, key).items() if step <= EVERY}
+        assert per_step(tmp_path, key) == want, key
+    np.testing.assert_allclose(list(per_step(tmp_path, "actor/pg_loss").values()),
+                               [per_step(uninterrupted, "actor/pg_loss")[s] for s in range(1, EVERY + 1)],
+                               rtol=1e-4, atol=1e-7)
+    gaps = np.concatenate([np.abs(got - want).ravel() for got, want in zip(
+        jax.tree.leaves(params_at(tmp_path, EVERY)), jax.tree.leaves(params_at(uninterrupted, EVERY)))])
+    # Adam moves a weight by about lr whatever its gradient's size, so where a gradient is near 0
+    # the rounding of the sums across hosts shows (measured: 99.9% of weights within 8.4e-7, the
+    # largest gap 2.8e-5 after 8 updates at lr 1e-3).
+    assert np.quantile(gaps, 0.995) < 1e-6 and gaps.max() < 1e-4

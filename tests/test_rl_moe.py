@@ -14,11 +14,13 @@ from flax import nnx
 from qwen_jax import Qwen35ForCausalLM, preset
 from qwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION
 from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id
+from qwen_jax.parallel.mesh import make_mesh
+from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.rl.envs import EnvPool
 from qwen_jax.rl.learner import Learner, make_learner
 from qwen_jax.rl.loop import RLConfig, rollout_step
 from qwen_jax.rl.rollout import play_episodes
-from qwen_jax.train.step import new_state
+from qwen_jax.train.step import new_state, state_shardings_for
 
 # One GDN and one attention layer, both MoE (8 experts, top-2).
 CONFIG = preset("tiny-moe", vocab_size=300, num_hidden_layers=2,
@@ -49,14 +51,17 @@ def setup(tmp_path_factory):
                                         [f"count {i} then" for i in range(100)], 300)
     model = Qwen35ForCausalLM(CONFIG, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    learner = make_learner(graphdef, optax.adam(1e-3), RL.loss, RL.temperature)
+    params, optimizer = nnx.to_pure_dict(state), optax.adam(1e-3)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    learner = make_learner(graphdef, optimizer, RL.loss, RL.temperature, mesh, DEFAULT_RULES,
+                           state_shardings_for(params, optimizer, mesh, DEFAULT_RULES))
     with EnvPool(TwoTurnEnv, 8) as pool:
         episodes = play_episodes(model, tokenizer, pool, list(range(8)),
                                  max_new_tokens=RL.max_new_tokens, max_turns=RL.max_turns,
                                  max_length=RL.max_length, temperature=RL.temperature,
                                  sample_seed=3, stop_ids=[eos_id(tokenizer)],
                                  pad_id=pad_id(tokenizer))
-    return model, nnx.to_pure_dict(state), tokenizer, learner, episodes
+    return model, params, tokenizer, learner, episodes
 
 
 @nnx.jit
@@ -125,7 +130,7 @@ def test_rollout_step_replays_in_scoring_and_updates_and_can_be_turned_off(setup
             # The real update (routing included) once; a stand-in when only the arguments matter.
             return learner.update(state, batch) if replay else (state, {})
 
-        spy = Learner(learner.graphdef, score, update)
+        spy = Learner(learner.graphdef, score, update, learner.mesh, learner.rules)
         rl = dataclasses.replace(RL, routing_replay=replay)
         with EnvPool(TwoTurnEnv, 8) as pool:
             state, row = rollout_step(state, spy, None, tokenizer, pool, rl, step=0, seed=0)

@@ -9,6 +9,9 @@ For MoE models both forwards can replay the sampler's routing (the experts each 
 while sampling): the router still weights those experts, but no token switches experts because
 the trainer's numerics (or a few updates) moved a top-k boundary, which would change the token's
 logprob by far more than rounding (rollout routing replay, R3, as verl and Megatron ship it).
+
+On a mesh the learner is the trainer's: params and optimizer moments sharded by the logical-axis
+rules, episode rows over the batch axes (`Learner.place`), activations constrained the same way.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen_jax.parallel.rules import activation_sharding, hashable_rules, spec_for
 from qwen_jax.rl.losses import PolicyLossConfig, policy_objective, token_entropy
 
 
@@ -42,18 +48,35 @@ def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float,
 @dataclasses.dataclass(frozen=True)
 class Learner:
     """Jitted `score(params, tokens, segment_ids, routing=None) -> logprobs` and
-    `update(state, batch) -> (state, metrics)` for one model and loss; a batch with "routing"
-    (int32 [N, L, S, k]) replays it."""
+    `update(state, batch) -> (state, metrics)` for one model and loss on `mesh`; a batch with
+    "routing" (int32 [N, L, S, k]) replays it. Inputs may be numpy (identical on every host)."""
 
     graphdef: Any
     score: Any
     update: Any
+    mesh: Mesh
+    rules: tuple
+
+    def place(self, array) -> jax.Array:
+        """A host array [N, ...], the same on every host, as a global array with its rows over the
+        mesh's batch axes (whole rows: the learner's sequences are short)."""
+        array = np.asarray(array)
+        logical = ("batch",) + (None,) * (array.ndim - 1)
+        sharding = NamedSharding(self.mesh, spec_for(logical, array.shape, self.mesh, self.rules))
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def make_learner(graphdef, optimizer: optax.GradientTransformation, loss: PolicyLossConfig,
-                 temperature: float) -> Learner:
+                 temperature: float, mesh: Mesh, rules, state_shardings) -> Learner:
+    """The learner on `mesh`: the state keeps `state_shardings` (the trainer's, state_shardings_for),
+    scores come back replicated."""
+    rules = hashable_rules(rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
     def score(params, tokens, segment_ids, routing=None):
-        return sequence_logprobs(params, graphdef, tokens, segment_ids, temperature, routing)[0]
+        with activation_sharding(mesh, rules):
+            return sequence_logprobs(params, graphdef, tokens, segment_ids, temperature,
+                                     routing)[0]
 
     def objective(params, batch):
         logprobs, entropy = sequence_logprobs(params, graphdef, batch["tokens"],
@@ -64,7 +87,9 @@ def make_learner(graphdef, optimizer: optax.GradientTransformation, loss: Policy
                                 entropy=entropy)  # for actor/entropy even without the bonus
 
     def update(state, batch):
-        (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
+        with activation_sharding(mesh, rules):
+            (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+                state["params"], batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -76,4 +101,6 @@ def make_learner(graphdef, optimizer: optax.GradientTransformation, loss: Policy
                "skipped_steps": state["skipped_steps"] + (~finite)}
         return new, {**metrics, "actor/loss": value, "actor/grad_norm": grad_norm}
 
-    return Learner(graphdef, jax.jit(score), jax.jit(update, donate_argnums=0))
+    return Learner(graphdef, jax.jit(score, out_shardings=replicated),
+                   jax.jit(update, out_shardings=(state_shardings, replicated), donate_argnums=0),
+                   mesh, rules)

@@ -6,6 +6,10 @@ and takes `minibatches` optimizer steps over them; the sampler then uses the new
 prompt order, the sampling seeds and the minibatch order are functions of the step, so a resumed
 run repeats exactly what an uninterrupted one does. For MoE models the scoring and update forwards
 replay the sampler's routing (rl.routing_replay; learner.py says why).
+
+The policy runs on the mesh of config.mesh, sampler and learner alike, as `qwen-jax train` does;
+across hosts each host runs its share of the environments (hosts.py) and the warm-up runs on every
+host's first device alike.
 """
 
 from __future__ import annotations
@@ -25,15 +29,20 @@ from qwen_jax.config import ConfigError, TrainConfig
 from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id
 from qwen_jax.experiment import model_config
 from qwen_jax.rl.advantages import compute_advantages
-from qwen_jax.rl.envs import EnvPool, make_env
+from qwen_jax.parallel.mesh import make_mesh
+from qwen_jax.parallel.rules import hashable_rules
+from qwen_jax.rl.envs import make_env
+from qwen_jax.rl.hosts import shared_pool
 from qwen_jax.rl.learner import Learner, make_learner
 from qwen_jax.rl.losses import PolicyLossConfig
 from qwen_jax.rl.rollout import Episodes, play_episodes
 from qwen_jax.rl.warmup import demonstrations, supervised_warmup
-from qwen_jax.train.checkpoint import Checkpointer
+from qwen_jax.train.checkpoint import Checkpointer, abstract_like
+from qwen_jax.train.distributed import maybe_initialize_distributed
+from qwen_jax.train.loop import rules_from_config
 from qwen_jax.train.optimizer import make_optimizer
 from qwen_jax.train.reporting import RunLogger
-from qwen_jax.train.step import abstract_params, new_state
+from qwen_jax.train.step import abstract_params, new_state, state_shardings_for
 
 EVAL_SEED_BASE = 10**9  # held-out prompts: seeds no training step reaches
 
@@ -117,7 +126,8 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
     episodes = play_episodes(policy, tokenizer, pool, step_seeds(rl, step),
                              max_new_tokens=rl.max_new_tokens, max_turns=rl.max_turns,
                              max_length=rl.max_length, temperature=rl.temperature,
-                             sample_seed=seed * 100003 + step, stop_ids=stop, pad_id=padding)
+                             sample_seed=seed * 100003 + step, stop_ids=stop, pad_id=padding,
+                             mesh=learner.mesh, rules=learner.rules)
     rollout_s = time.perf_counter() - started - episodes.env_seconds
 
     started = time.perf_counter()
@@ -136,7 +146,7 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
     order = np.random.default_rng([seed, step]).permutation(len(mask))
     sums = {}
     for part in np.split(order, rl.minibatches):
-        state, metrics = learner.update(state, {k: v[part] for k, v in batch.items()})
+        state, metrics = learner.update(state, {k: learner.place(v[part]) for k, v in batch.items()})
         for key, value in jax.device_get(metrics).items():
             sums[key] = sums.get(key, 0.0) + float(value) / rl.minibatches
     update_s = time.perf_counter() - started
@@ -154,10 +164,11 @@ def _update_batch(episodes: Episodes, advantages, routing, learner: Learner, par
                   reference) -> dict:
     """The learner's arrays: episodes, advantages, the behaviour policy's (and reference's) scores,
     and the routing [N, L, S, k] to replay (None: route freely)."""
-    tokens, segments = jnp.asarray(episodes.tokens), jnp.asarray(episodes.segment_ids)
+    tokens, segments = learner.place(episodes.tokens), learner.place(episodes.segment_ids)
+    placed_routing = None if routing is None else learner.place(routing)
     batch = {"tokens": episodes.tokens, "segment_ids": episodes.segment_ids,
              "loss_mask": episodes.loss_mask, "advantages": advantages.astype(np.float32),
-             "old_logprobs": np.asarray(learner.score(params, tokens, segments, routing))}
+             "old_logprobs": np.asarray(learner.score(params, tokens, segments, placed_routing))}
     if routing is not None:
         batch["routing"] = routing
     if reference is not None:  # kl_coef > 0 only: otherwise the reference forward is skipped
@@ -168,18 +179,20 @@ def _update_batch(episodes: Episodes, advantages, routing, learner: Learner, par
 
 def greedy_accuracy(params, learner: Learner, tokenizer, rl: RLConfig) -> float:
     """Mean reward of greedy answers to held-out prompts (one episode each)."""
-    with EnvPool(rl.env, rl.eval_prompts, timeout_s=rl.env_timeout_s,
-                 env_kwargs=rl.env_kwargs) as pool:
+    with shared_pool(rl.env, rl.eval_prompts, timeout_s=rl.env_timeout_s,
+                     env_kwargs=rl.env_kwargs) as pool:
         episodes = play_episodes(
             nnx.merge(learner.graphdef, params), tokenizer, pool,
             [EVAL_SEED_BASE + i for i in range(rl.eval_prompts)], max_new_tokens=rl.max_new_tokens,
             max_turns=rl.max_turns, max_length=rl.max_length, temperature=0.0, sample_seed=0,
-            stop_ids=[eos_id(tokenizer)], pad_id=pad_id(tokenizer))
+            stop_ids=[eos_id(tokenizer)], pad_id=pad_id(tokenizer), mesh=learner.mesh,
+            rules=learner.rules)
     return float(episodes.rewards.mean())
 
 
 def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]:
     """RL per `config` in `workdir`, resuming from its latest checkpoint; returns the logged rows."""
+    maybe_initialize_distributed()
     workdir = Path(workdir)
     rl = rl_config(config)
     model_cfg = model_config(config)
@@ -191,7 +204,11 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     graphdef, shapes = abstract_params(model_cfg)
     optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
                                            steps=rl.steps * rl.minibatches, weight_decay=0.0))
-    learner = make_learner(graphdef, optimizer, rl.loss, rl.temperature)
+    mesh, rules = make_mesh(dict(config.mesh)), hashable_rules(rules_from_config(config))
+    shardings = state_shardings_for(shapes, optimizer, mesh, rules)
+    if rl.kl_coef:
+        shardings["reference"] = shardings["params"]
+    learner = make_learner(graphdef, optimizer, rl.loss, rl.temperature, mesh, rules, shardings)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
 
     def fresh_state(params):
@@ -199,25 +216,26 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
         # The frozen reference rides in the state (and checkpoints) only when the KL term is on.
         return {**state, "reference": params} if rl.kl_coef else state
 
-    restored = checkpointer.restore_latest(jax.eval_shape(fresh_state, shapes))
+    restored = checkpointer.restore_latest(
+        abstract_like(jax.eval_shape(fresh_state, shapes), shardings))
     if restored is not None:
         start, state, _, _ = restored
         print(f"resumed from step {start}", flush=True)
     else:
         start = 0
         params = supervised_warmup(model_cfg, env, tokenizer, rl, seed=config.seed)
-        state = fresh_state(params)
-    # Orbax restores committed arrays; committing a fresh state too means a resumed run runs the
-    # very programs an uninterrupted one compiled (and finds them in a compilation cache).
-    state = jax.device_put(state, jax.devices()[0])
-    (workdir / "config.json").write_text(json.dumps(
-        {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
-         "rl": dataclasses.asdict(rl)}, indent=2, default=list))
+        # Placed as a restored state is, so a resumed run runs the very programs an uninterrupted
+        # one compiled (and finds them in a compilation cache).
+        state = jax.jit(fresh_state, out_shardings=shardings)(params)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(
+            {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
+             "rl": dataclasses.asdict(rl)}, indent=2, default=list))
 
     logger = RunLogger(workdir, config, resume_step=start if restored else None,
                        total_steps=rl.steps, curve=("rewards/mean", "reward.png"))
-    with EnvPool(rl.env, rl.groups * rl.group_size, mode=rl.pool_mode,
-                 timeout_s=rl.env_timeout_s, env_kwargs=rl.env_kwargs) as pool:
+    with shared_pool(rl.env, rl.groups * rl.group_size, mode=rl.pool_mode,
+                     timeout_s=rl.env_timeout_s, env_kwargs=rl.env_kwargs) as pool:
         for step in range(start, rl.steps):
             before = (greedy_accuracy(state["params"], learner, tokenizer, rl) if step == 0
                       else None)

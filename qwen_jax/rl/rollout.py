@@ -19,7 +19,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from qwen_jax.generate.engine import generate
-from qwen_jax.rl.envs import EnvPool
+from qwen_jax.parallel.rules import DEFAULT_RULES
+from qwen_jax.rl.hosts import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +41,13 @@ def _encode(tokenizer: Tokenizer, observation) -> list[int]:
     return list(observation) if isinstance(observation, list) else tokenizer.encode(observation).ids
 
 
-def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[int], *,
+def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
                   max_new_tokens: int, max_turns: int, max_length: int, temperature: float,
-                  sample_seed: int, stop_ids: Sequence[int], pad_id: int) -> Episodes:
-    """One episode per pool slot (slot i resets with seeds[i]); returns them as token arrays."""
+                  sample_seed: int, stop_ids: Sequence[int], pad_id: int, mesh=None,
+                  rules=DEFAULT_RULES) -> Episodes:
+    """One episode per slot of `pool` (an EnvPool or HostSharedPool; slot i resets with
+    seeds[i]); returns them as token arrays. With a `mesh`, the sampler's rows and cache are
+    sharded over it as in `generate`."""
     count = len(seeds)
     env_seconds = 0.0
     started = time.perf_counter()
@@ -75,11 +79,12 @@ def play_episodes(model, tokenizer: Tokenizer, pool: EnvPool, seeds: Sequence[in
         out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                        seeds=[(sample_seed * 7919 + turn * count + row) % 2**32
                               for row in range(count)],
-                       stop_ids=stop_ids, pad_id=pad_id, cache=cache, max_length=max_length)
+                       stop_ids=stop_ids, pad_id=pad_id, cache=cache, max_length=max_length,
+                       mesh=mesh, rules=rules)
         if routing is not None:
             _keep_routing(routing, out, used, starts, np.flatnonzero(running))
         cache = out.cache
-        tokens, lengths, new_logprobs = (np.asarray(x) for x in (out.tokens, out.lengths, out.logprobs))
+        tokens, lengths, new_logprobs = map(to_host, (out.tokens, out.lengths, out.logprobs))
         actions = {}
         for row in np.flatnonzero(running):
             new = tokens[row, :lengths[row]].tolist()
@@ -109,8 +114,8 @@ def _keep_routing(routing: np.ndarray, out, column: int, starts, rows) -> None:
     row's real tokens (its prompt, then its sampled tokens) that the generate call `out` wrote from
     cache column `column` on."""
     end = int(out.cache.index)
-    valid = np.asarray(out.cache.valid[:, column:end])  # skips the padding between rows' tokens
-    experts = np.asarray(out.routing[:, :, column:end])
+    valid = to_host(out.cache.valid)[:, column:end]  # skips the padding between rows' tokens
+    experts = to_host(out.routing)[:, :, column:end]
     for row in rows:
         kept = experts[:, row, valid[row]]
         routing[row, :, starts[row]:starts[row] + kept.shape[1]] = kept

@@ -55,7 +55,8 @@ def supervised_warmup(model_cfg: ModelConfig, env, tokenizer: Tokenizer, rl, *, 
     steps = max(rl.warmup_steps, 1)
     train = TrainConfig(steps=steps, batch_size=rl.warmup_batch_size, seq_len=rl.max_length,
                         lr=rl.warmup_lr, warmup_steps=min(10, steps - 1))
-    trainer = make_trainer(model_cfg, train, make_mesh({"data": 1}, jax.devices()[:1]),
+    # This host's first device: every host trains the same tiny policy the same way.
+    trainer = make_trainer(model_cfg, train, make_mesh({"data": 1}, jax.local_devices()[:1]),
                            DEFAULT_RULES)
     state = trainer.init_state(seed)
     for step in range(rl.warmup_steps):
