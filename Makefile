@@ -18,8 +18,10 @@ $(VENV)/.installed-test: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/qwen-jax train --config=configs/pretrain_tiny.py --workdir=runs/demo
 
+# Two workers (the CI machine's cores); worksteal balances the files' very uneven lengths, and a
+# file's tests stay on one worker (sharing its compiled fixtures) unless the other runs dry.
 test: $(VENV)/.installed-test
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV)

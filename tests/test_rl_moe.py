@@ -19,7 +19,7 @@ from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.rl.envs import EnvPool
 from qwen_jax.rl.learner import Learner, make_learner
 from qwen_jax.rl.loop import RLConfig, rollout_step
-from qwen_jax.rl.rollout import play_episodes
+from qwen_jax.rl.rollout import expert_id_dtype, play_episodes
 from qwen_jax.train.step import new_state, state_shardings_for
 
 # One GDN and one attention layer, both MoE (8 experts, top-2).
@@ -87,6 +87,8 @@ def agreement(routing, episodes) -> float:
 def test_rollout_keeps_the_sampler_routing_of_every_turn(setup):
     model, params, _, learner, episodes = setup
     assert episodes.routing.shape == (8, 2, RL.max_length, 2)
+    assert episodes.routing.dtype == np.int8  # 8 experts; 512 would need int16
+    assert expert_id_dtype(128) == np.int8 and expert_id_dtype(129) == np.int16
     # Two sampled spans per episode, the env's reply between them: the multi-turn continuation.
     for mask in episodes.loss_mask:
         assert np.count_nonzero(np.diff(mask) == 1) == 2

@@ -33,10 +33,10 @@ from qwen_jax.rl.losses import PolicyLossConfig, policy_objective, token_entropy
 
 def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float, routing=None):
     """tokens [N, S] -> (logprobs [N, S]: log p(tokens[t] | tokens[:t]), 0 at t = 0; entropy [N, S]
-    of the distribution that sampled tokens[t]). routing int32 [N, L, S, k] replays those experts;
+    of the distribution that sampled tokens[t]). routing (ints) [N, L, S, k] replays those experts;
     None routes freely."""
     model = nnx.merge(graphdef, params)
-    replay = None if routing is None else jnp.swapaxes(routing, 0, 1)  # the model's [L, N, S, k]
+    replay = None if routing is None else jnp.swapaxes(routing, 0, 1).astype(jnp.int32)  # [L, N, S, k]
     hidden = model(tokens, segment_ids=segment_ids, routing=replay).hidden
     logits = model.logits(hidden[:, :-1]).astype(jnp.float32) / max(temperature, 1e-6)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
@@ -49,7 +49,7 @@ def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float,
 class Learner:
     """Jitted `score(params, tokens, segment_ids, routing=None) -> logprobs` and
     `update(state, batch) -> (state, metrics)` for one model and loss on `mesh`; a batch with
-    "routing" (int32 [N, L, S, k]) replays it. Inputs may be numpy (identical on every host)."""
+    "routing" ([N, L, S, k] expert ids) replays it. Inputs may be numpy (identical on every host)."""
 
     graphdef: Any
     score: Any
