@@ -1,7 +1,9 @@
-"""The Pallas gated delta rule (interpret mode on CPU) == the pure-JAX chunked op: values and gradients.
+"""The Pallas gated delta rule (interpret mode on CPU) == the pure-JAX chunked op: values and gradients,
+for the Triton (GPU) and the Mosaic (TPU) kernels.
 
-Production tiling: dk = dv = 128, chunks of 64, value blocks of 64 (two per head), several chunks per row,
-packed segments (one cut on a chunk edge, a reused id, padding) and an initial state.
+Production tiling: dk = dv = 128, chunks of 64, value blocks of 64 on GPU (two per head) and 128 on TPU,
+several chunks per row, packed segments (one cut on a chunk edge, a reused id, padding) and an initial
+state. The TPU kernels also compile for a real TPU (XLA:TPU through libtpu, on this CPU host).
 """
 
 import functools
@@ -15,8 +17,9 @@ from flax import nnx
 from qwen_jax import ModelConfig, Qwen35ForCausalLM, preset
 from qwen_jax.config import ConfigError
 from qwen_jax.model.gated_deltanet import gdn_method
-from qwen_jax.ops.delta_rule import gated_delta_rule
-from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes
+from qwen_jax.ops.delta_rule import gated_delta_rule, l2_normalise
+from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, pallas_gated_delta_rule
+from qwen_jax.train.compile_check import tpu_topology
 
 B, T, H, D = 2, 200, 2, 128  # T = 200: three full chunks of 64 and a partial one
 
@@ -37,10 +40,17 @@ def segment_ids():
     return jnp.asarray(np.stack(rows), jnp.int32)
 
 
+def tpu_rule(q, k, v, g, beta, **kwargs):
+    """gated_delta_rule(method="pallas", normalize_qk=True) with the TPU kernel (interpreted here)."""
+    q, k = l2_normalise(q) * q.shape[-1] ** -0.5, l2_normalise(k)
+    return pallas_gated_delta_rule(q, k, v, g, beta, platform="tpu", **kwargs)
+
+
 def weighted_loss(method, q, k, v, g, beta, state, ids, weights):
     """A scalar that depends on every output and on the final state, so every gradient path is checked."""
-    o, final = gated_delta_rule(q, k, v, g, beta, initial_state=state, segment_ids=ids, method=method,
-                                normalize_qk=True)
+    rule = tpu_rule if method == "pallas-tpu" else functools.partial(
+        gated_delta_rule, method=method, normalize_qk=True)
+    o, final = rule(q, k, v, g, beta, initial_state=state, segment_ids=ids)
     return jnp.sum(o.astype(jnp.float32) * weights) + jnp.sum(final * final)
 
 
@@ -54,22 +64,25 @@ def relative_error(actual, expected):
     return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
 
 
-def test_pallas_matches_chunked_in_float32():
+@pytest.mark.parametrize("kernel", ["pallas", "pallas-tpu"])
+def test_pallas_matches_chunked_in_float32(kernel):
     *inputs, state = make_inputs(0)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, H, D)), jnp.float32)
     args = (*inputs, state, segment_ids(), weights)
     expected_loss, expected_grads = loss_and_grads("chunked", *args)
-    loss, grads = loss_and_grads("pallas", *args)
+    loss, grads = loss_and_grads(kernel, *args)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
     for name, grad, expected in zip(("q", "k", "v", "g", "beta", "state"), grads, expected_grads):
         assert relative_error(grad, expected) < 1e-5, name
 
 
-def test_pallas_bf16_operands_stay_within_bf16_error():
+@pytest.mark.parametrize("kernel", ["pallas", "pallas-tpu"])
+def test_pallas_bf16_operands_stay_within_bf16_error(kernel):
     """bf16 q/k/v and bf16 matmul operands against the float32 op on the same (rounded) inputs."""
     q, k, v, g, beta, state = make_inputs(2, jnp.bfloat16)
-    o, final = jax.jit(functools.partial(gated_delta_rule, method="pallas", normalize_qk=True))(
-        q, k, v, g, beta, initial_state=state, segment_ids=segment_ids())
+    rule = tpu_rule if kernel == "pallas-tpu" else functools.partial(
+        gated_delta_rule, method="pallas", normalize_qk=True)
+    o, final = jax.jit(rule)(q, k, v, g, beta, initial_state=state, segment_ids=segment_ids())
     assert o.dtype == jnp.bfloat16
     expected_o, expected_final = jax.jit(functools.partial(gated_delta_rule, normalize_qk=True))(
         *(x.astype(jnp.float32) for x in (q, k, v)), g, beta, initial_state=state, segment_ids=segment_ids())
@@ -77,11 +90,53 @@ def test_pallas_bf16_operands_stay_within_bf16_error():
     assert relative_error(final, expected_final) < 1e-2
 
 
+def test_tpu_kernel_sums_the_partial_gradients_of_two_value_blocks():
+    """dv = 256 in two 128-lane blocks: the shared gradients (dq, dk, dg, dbeta) add both blocks' parts."""
+    rng = np.random.default_rng(4)
+    q, k = (jnp.asarray(x, jnp.float32) for x in rng.standard_normal((2, 1, 128, 1, 128)))
+    v = jnp.asarray(rng.standard_normal((1, 128, 1, 256)), jnp.float32)
+    g = jnp.asarray(-np.logaddexp(0.0, rng.standard_normal((1, 128, 1))), jnp.float32)
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((1, 128, 1)))), jnp.float32)
+
+    def loss(rule, *args):
+        o, final = rule(*args)
+        return jnp.sum(o * jnp.arange(256.0) / 256) + jnp.sum(final * final)
+
+    grads = {name: jax.jit(jax.grad(functools.partial(loss, rule), argnums=range(5)))(q, k, v, g, beta)
+             for name, rule in (("chunked", functools.partial(gated_delta_rule, normalize_qk=True)),
+                                ("tpu", tpu_rule))}
+    # dk is the touchiest here (the l2-normalisation's backward): the Triton kernel and the
+    # token-by-token recurrence sit as far from the chunked op (2.3e-5, 2.5e-5) as this kernel.
+    for name, got, want in zip("qkvgb", grads["tpu"], grads["chunked"]):
+        assert relative_error(got, want) < 1e-4, name
+
+
+def test_tpu_kernels_compile_for_a_v5p_chip():
+    """XLA:TPU (libtpu, on this CPU host) compiles the bf16 forward and backward kernels: Mosaic takes
+    their block shapes, the SMEM decays and the transposed-operand matmuls."""
+    device = tpu_topology("v5p:2x2x1").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    shapes = [jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16, sharding=sharding)] * 3 + \
+             [jax.ShapeDtypeStruct((1, 256, 2), jnp.float32, sharding=sharding)] * 2
+
+    def loss(*args):
+        o, final = pallas_gated_delta_rule(*args, platform="tpu", interpret=False)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
+
+    compiled = jax.jit(jax.grad(loss, argnums=range(5))).lower(*shapes).compile().as_text()
+    assert "gdr_chunk_forward_tpu" in compiled and "gdr_chunk_backward_tpu" in compiled
+
+
 def test_kernel_shape_limits_are_named():
     with pytest.raises(ValueError, match="key head dim"):
         check_kernel_shapes(96, 128, 64, 64)
     with pytest.raises(ValueError, match="multiple of block_v"):
         check_kernel_shapes(128, 96, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        check_kernel_shapes(128, 128, 60, 128, platform="tpu")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        check_kernel_shapes(128, 256, 64, 64, platform="tpu")
+    check_kernel_shapes(96, 96, 40, 96, platform="tpu")  # whole dims: these compile for v5p too
 
 
 def test_gdn_impl_resolution():

@@ -12,8 +12,8 @@ from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import GatedRMSNorm
 from qwen_jax.ops.delta_rule import gated_delta_rule, l2_normalise, rule_from_terms
-from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V
-from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, pallas_rule_from_terms
+from qwen_jax.ops.pallas.gated_delta_rule import (check_kernel_shapes, default_block_v, kernel_platform,
+                                                  pallas_rule_from_terms)
 from qwen_jax.parallel.context import AXIS, context_shards, delta_rule_across_shards, previous_shard_tail
 from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for
 
@@ -36,13 +36,15 @@ def causal_depthwise_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Arra
 def gdn_method(cfg: ModelConfig) -> str:
     """The gated delta rule's implementation for multi-token calls: cfg.gdn_impl with "auto" resolved.
 
-    "auto" takes the Pallas kernel on GPU when its tiling fits the head dims, else the pure-JAX chunked op.
+    "auto" takes the Pallas kernel on GPU when its tiling fits the head dims, else the pure-JAX chunked op
+    ("pallas" on TPU runs the Mosaic kernel; it has no TPU timings yet, so "auto" leaves TPUs on XLA).
     """
     if cfg.gdn_impl == "jax":
         return "chunked"
+    platform = kernel_platform()
     try:
         check_kernel_shapes(cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.gdn_chunk_size,
-                            min(BLOCK_V, cfg.linear_value_head_dim))
+                            default_block_v(cfg.linear_value_head_dim, platform), platform)
     except ValueError as e:
         if cfg.gdn_impl == "pallas":
             raise ConfigError(f"model.gdn_impl is 'pallas', but {e}") from e
@@ -150,8 +152,7 @@ class GatedDeltaNet(nnx.Module):
         rows, per_token = PartitionSpec(batch_axes, AXIS), PartitionSpec(batch_axes, AXIS, None)
         from_terms = rule_from_terms
         if self.method == "pallas":
-            from_terms = functools.partial(pallas_rule_from_terms, operand=pre_conv.dtype,
-                                           block_v=min(BLOCK_V, self.v_head_dim), interpret=None)
+            from_terms = functools.partial(pallas_rule_from_terms, operand=pre_conv.dtype)
 
         def local(pre_conv, weight, g, beta, ids):
             window = jnp.concatenate([previous_shard_tail(pre_conv, taps - 1, fill=0), pre_conv], axis=1)

@@ -23,7 +23,7 @@ BLOCK_V = 64
 NUM_WARPS = 4
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
+def matmul_f32(a, b, *, trans_a=False, trans_b=False):
     """a @ b with optional transposes, float32 accumulation; float32 operands stay float32 (no TF32)."""
     contract = ((0 if trans_a else 1,), (1 if trans_b else 0,))
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
@@ -42,11 +42,11 @@ def _forward_kernel(q_ref, qk_ref, w_ref, u_ref, kd_ref, decay_ref, s0_ref,
         rows = pl.ds(n * chunk, chunk)
         states_ref[row, n, :, cols] = state.astype(states_ref.dtype)
         state_in = state.astype(dtype)
-        new_values = u_ref[row, rows, cols].astype(jnp.float32) - _dot(w_ref[row, rows, :], state_in)
+        new_values = u_ref[row, rows, cols].astype(jnp.float32) - matmul_f32(w_ref[row, rows, :], state_in)
         new_values_in = new_values.astype(dtype)
-        out = _dot(q_ref[row, rows, :], state_in) + _dot(qk_ref[row, rows, :], new_values_in)
+        out = matmul_f32(q_ref[row, rows, :], state_in) + matmul_f32(qk_ref[row, rows, :], new_values_in)
         o_ref[row, rows, cols] = out.astype(o_ref.dtype)
-        return decay_ref[row, n] * state + _dot(kd_ref[row, rows, :], new_values_in, trans_a=True)
+        return decay_ref[row, n] * state + matmul_f32(kd_ref[row, rows, :], new_values_in, trans_a=True)
 
     final = lax.fori_loop(0, num_chunks, step, s0_ref[row, :, cols].astype(jnp.float32))
     final_ref[row, :, cols] = final
@@ -65,20 +65,20 @@ def _backward_kernel(q_ref, qk_ref, w_ref, u_ref, kd_ref, decay_ref, states_ref,
         rows = pl.ds(n * chunk, chunk)
         state = states_ref[row, n, :, cols]
         w, kd, q = w_ref[row, rows, :], kd_ref[row, rows, :], q_ref[row, rows, :]
-        new_values = u_ref[row, rows, cols].astype(jnp.float32) - _dot(w, state.astype(dtype))
+        new_values = u_ref[row, rows, cols].astype(jnp.float32) - matmul_f32(w, state.astype(dtype))
         new_values_in = new_values.astype(dtype)
         d_out = do_ref[row, rows, cols].astype(dtype)
         dstate_in = dstate.astype(dtype)
-        d_new_values = _dot(qk_ref[row, rows, :], d_out, trans_a=True) + _dot(kd, dstate_in)
+        d_new_values = matmul_f32(qk_ref[row, rows, :], d_out, trans_a=True) + matmul_f32(kd, dstate_in)
         d_new_values_in = d_new_values.astype(dtype)
         du_ref[row, rows, cols] = d_new_values.astype(du_ref.dtype)
-        dw_ref[vb, row, rows, :] = (-_dot(d_new_values_in, state.astype(dtype), trans_b=True)).astype(dw_ref.dtype)
-        dq_ref[vb, row, rows, :] = _dot(d_out, state.astype(dtype), trans_b=True).astype(dq_ref.dtype)
-        dqk_ref[vb, row, rows, :] = _dot(d_out, new_values_in, trans_b=True).astype(dqk_ref.dtype)
-        dkd_ref[vb, row, rows, :] = _dot(new_values_in, dstate_in, trans_b=True).astype(dkd_ref.dtype)
+        dw_ref[vb, row, rows, :] = (-matmul_f32(d_new_values_in, state.astype(dtype), trans_b=True)).astype(dw_ref.dtype)
+        dq_ref[vb, row, rows, :] = matmul_f32(d_out, state.astype(dtype), trans_b=True).astype(dq_ref.dtype)
+        dqk_ref[vb, row, rows, :] = matmul_f32(d_out, new_values_in, trans_b=True).astype(dqk_ref.dtype)
+        dkd_ref[vb, row, rows, :] = matmul_f32(new_values_in, dstate_in, trans_b=True).astype(dkd_ref.dtype)
         ddecay_ref[vb, row, n] = jnp.sum(state.astype(jnp.float32) * dstate)
-        return (decay_ref[row, n] * dstate + _dot(q, d_out, trans_a=True)
-                - _dot(w, d_new_values_in, trans_a=True))
+        return (decay_ref[row, n] * dstate + matmul_f32(q, d_out, trans_a=True)
+                - matmul_f32(w, d_new_values_in, trans_a=True))
 
     ds0 = lax.fori_loop(0, num_chunks, step, dfinal_ref[row, :, cols].astype(jnp.float32))
     ds0_ref[row, :, cols] = ds0

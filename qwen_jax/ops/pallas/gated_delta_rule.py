@@ -1,8 +1,10 @@
-"""The chunked gated delta rule with its chunk-to-chunk recurrence in a Pallas kernel (GPU; interpreted elsewhere).
+"""The chunked gated delta rule with its chunk-to-chunk recurrence in a Pallas kernel: Triton on GPU, Mosaic
+on TPU, interpreted elsewhere.
 
 XLA computes the chunk-local terms chunk-parallel (batched matmuls it fuses well); the kernel does the
 sequential part that XLA runs as a loop of small launches. Same interface and results as
-ops.delta_rule.chunked_gated_delta_rule, which stays the oracle.
+ops.delta_rule.chunked_gated_delta_rule, which stays the oracle. `platform` picks the kernel ("gpu" or
+"tpu"; default: this backend's, the GPU one off TPU); it is compiled only on its own platform.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, chunk_terms, start_state
+from qwen_jax.ops.pallas import chunk_recurrence_tpu as tpu
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
+
+PLATFORMS = ("gpu", "tpu")
 
 
 def _tileable(n: int) -> bool:
@@ -19,49 +24,76 @@ def _tileable(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: int) -> None:
-    """Raise ValueError unless Triton can tile these: powers of two >= 16, dv a multiple of block_v."""
-    for name, size in (("key head dim", key_dim), ("chunk_size", chunk_size), ("block_v", block_v)):
-        if not _tileable(size):
-            raise ValueError(f"the Pallas gated delta rule needs {name} to be a power of two >= 16; got {size}")
+def kernel_platform(platform: str | None = None) -> str:
+    """The kernel for `platform` (default: this backend): Mosaic on TPU, else the Triton kernel."""
+    platform = platform or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+    if platform not in PLATFORMS:
+        raise ValueError(f"the Pallas gated delta rule has kernels for {PLATFORMS}, not {platform!r}")
+    return platform
+
+
+def default_block_v(value_dim: int, platform: str) -> int:
+    """Value channels per program: 64 on GPU (registers), the 128-lane width on TPU."""
+    return min(tpu.BLOCK_V if platform == "tpu" else BLOCK_V, value_dim)
+
+
+def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: int,
+                        platform: str = "gpu") -> None:
+    """Raise ValueError unless the platform's kernel can tile these. Triton: powers of two >= 16;
+    Mosaic: chunks a multiple of 8 rows, value blocks of whole 128-lane tiles (or all of dv)."""
+    if platform == "tpu":
+        if chunk_size % 8:
+            raise ValueError(f"the TPU gated delta rule kernel needs chunk_size to be a multiple of 8; "
+                             f"got {chunk_size}")
+        if block_v != value_dim and block_v % 128:
+            raise ValueError(f"the TPU gated delta rule kernel needs block_v to be a multiple of 128 or "
+                             f"the value head dim ({value_dim}); got {block_v}")
+    else:
+        for name, size in (("key head dim", key_dim), ("chunk_size", chunk_size), ("block_v", block_v)):
+            if not _tileable(size):
+                raise ValueError(f"the Pallas gated delta rule needs {name} to be a power of two >= 16; "
+                                 f"got {size}")
     if value_dim % block_v:
         raise ValueError(f"the Pallas gated delta rule needs the value head dim ({value_dim}) to be a "
                          f"multiple of block_v ({block_v})")
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64,
-                            block_v=None, interpret=None):
+                            block_v=None, interpret=None, platform=None):
     """q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv] (v's dtype), state [B,H,dk,dv] f32.
 
-    Matmul operands are bf16 when q, k and v all are, else float32. interpret None: compiled on GPU only.
+    Matmul operands are bf16 when q, k and v all are, else float32. interpret None: compiled on the
+    kernel's own platform only.
     """
     check_inputs(q, k, v, g, beta, initial_state, segment_ids)
-    batch, seq_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    block_v = min(BLOCK_V, value_dim) if block_v is None else block_v
-    check_kernel_shapes(key_dim, value_dim, chunk_size, block_v)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    seq_len = q.shape[1]
     all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     operand = jnp.bfloat16 if all_bf16 else jnp.float32
 
     terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
     o, final = pallas_rule_from_terms(terms, start_state(initial_state, q, v), operand=operand, block_v=block_v,
-                                      interpret=interpret)
+                                      interpret=interpret, platform=platform)
     return o[:, :seq_len].astype(v.dtype), final
 
 
-def pallas_rule_from_terms(terms: ChunkTerms, state0, *, operand, block_v, interpret):
+def pallas_rule_from_terms(terms: ChunkTerms, state0, *, operand, block_v=None, interpret=None,
+                           platform=None):
     """ops.delta_rule.rule_from_terms through the kernel: -> o [B, N*C, H, dv] (operand dtype), final state."""
     batch, heads, _, chunk_size, key_dim = terms.w.shape
     value_dim = terms.u.shape[-1]
     rows = batch * heads
+    platform = kernel_platform(platform)
+    block_v = default_block_v(value_dim, platform) if block_v is None else block_v
+    check_kernel_shapes(key_dim, value_dim, chunk_size, block_v, platform)
+    if interpret is None:
+        interpret = jax.default_backend() != platform
+    recurrence = tpu.chunk_recurrence_tpu if platform == "tpu" else chunk_recurrence
 
     def flat(x):
         """[B, H, N, C, X] -> [B*H, N*C, X] in the operand dtype (a free reshape)."""
         return x.reshape(rows, -1, x.shape[-1]).astype(operand)
 
-    o, final = chunk_recurrence(
+    o, final = recurrence(
         flat(terms.q_decayed), flat(terms.qk_decayed), flat(terms.w), flat(terms.u), flat(terms.k_to_end),
         terms.state_decay.reshape(rows, -1), state0.reshape(rows, key_dim, value_dim), chunk_size, block_v,
         interpret)
