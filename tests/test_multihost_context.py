@@ -1,19 +1,14 @@
-"""Context across hosts: each host loads the rows its devices hold and keeps only its own tokens;
-two processes splitting every sequence over `context` train as one device does."""
+"""Context across hosts: each host loads the rows its devices hold and keeps only its own tokens
+(two processes splitting every sequence over `context` train as one device: test_multiprocess.py)."""
 
 import collections
-import subprocess
 
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.parallel.hosts import host_batch_layout
 from qwen_jax.parallel.mesh import make_mesh
-from qwen_jax.train.metrics import read_metrics
-from test_multiprocess import ONE_DEVICE, command, run_pair
-
 
 FakeDevice = collections.namedtuple("FakeDevice", "id process_index")
 
@@ -46,15 +41,3 @@ def test_a_host_holding_scattered_pieces_is_refused():
                        lambda device: device % 2)  # every other token block on each host
     with pytest.raises(ValueError, match="process 0's devices hold parts"):
         host_batch_layout(sharding, 8, 64, process_index=0)
-
-
-@pytest.mark.slow
-def test_two_hosts_splitting_the_sequence_match_one_device(tmp_path):
-    subprocess.run(command(tmp_path / "single"), env=ONE_DEVICE, check=True, capture_output=True)
-    run_pair([*command(tmp_path / "pair"), "--config.mesh.data=1", "--config.mesh.context=2"])
-    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
-    pair = read_metrics(tmp_path / "pair" / "metrics.jsonl")
-    assert [r["step"] for r in pair] == [r["step"] for r in single]
-    for key in ("learning/loss", "learning/grad_norm", "eval/loss"):
-        np.testing.assert_allclose([r[key] for r in pair if key in r],
-                                   [r[key] for r in single if key in r], rtol=2e-5)

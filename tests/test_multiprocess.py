@@ -1,4 +1,5 @@
-"""Two real processes on localhost (jax.distributed, CPU collectives) match a single-process run."""
+"""Two real processes on localhost (jax.distributed, CPU collectives) match a single-process run, with
+the batch split over data across them and with every sequence split over context across them."""
 
 import os
 import socket
@@ -42,14 +43,31 @@ def run_pair(args: list[str], env: dict = ONE_DEVICE) -> None:
     assert [p.returncode for p in processes] == [0, 0], outputs
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    subprocess.run(command(tmp_path / "single"), env=ONE_DEVICE, check=True, capture_output=True)
-    run_pair(command(tmp_path / "pair"))
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> list[dict]:
+    """The metrics of the run on one device in one process, which every pair below must repeat."""
+    workdir = tmp_path_factory.mktemp("single")
+    subprocess.run(command(workdir), env=ONE_DEVICE, check=True, capture_output=True)
+    return read_metrics(workdir / "metrics.jsonl")
 
-    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
-    pair = read_metrics(tmp_path / "pair" / "metrics.jsonl")  # written by process 0 only
+
+def assert_same_run(pair_workdir, single: list[dict]) -> None:
+    pair = read_metrics(pair_workdir / "metrics.jsonl")  # written by process 0 only
     assert [r["step"] for r in pair] == [1, 2, 3, 4]
     for key in ("learning/loss", "learning/grad_norm", "eval/loss"):
         np.testing.assert_allclose([r[key] for r in pair if key in r],
                                    [r[key] for r in single if key in r], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(single, tmp_path):
+    run_pair(command(tmp_path))
+    assert_same_run(tmp_path, single)
+
+
+@pytest.mark.slow
+def test_two_hosts_splitting_the_sequence_match_one_device(single, tmp_path):
+    """Context across hosts: each host loads the rows its devices hold and keeps only its own
+    tokens (the layout logic: tests/test_multihost_context.py)."""
+    run_pair([*command(tmp_path), "--config.mesh.data=1", "--config.mesh.context=2"])
+    assert_same_run(tmp_path, single)
