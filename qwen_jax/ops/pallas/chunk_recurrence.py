@@ -102,46 +102,62 @@ def _forward(q, qk, w, u, kd, decay, s0, *, chunk, block_v, interpret):
                           interpret=interpret, name="gdr_chunk_forward")(q, qk, w, u, kd, decay, s0)
 
 
+def gradient_shapes(u_shape, key_dim: int, chunk: int, blocks: int, decay_part_shape) -> tuple:
+    """A backward kernel's outputs (float32): per-value-block parts of dq, dqk and dw, du, parts of dkd,
+    what the decay gradient is formed from (decay_part_shape), ds0."""
+    rows, length, value_dim = u_shape
+    part = lambda width: jax.ShapeDtypeStruct((blocks, rows, length, width), jnp.float32)  # noqa: E731
+    return (part(key_dim), part(chunk), part(key_dim), jax.ShapeDtypeStruct(u_shape, jnp.float32),
+            part(key_dim), jax.ShapeDtypeStruct(decay_part_shape, jnp.float32),
+            jax.ShapeDtypeStruct((rows, key_dim, value_dim), jnp.float32))
+
+
 def _backward(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v, interpret):
     rows, length, value_dim = u.shape
     num_chunks, key_dim = length // chunk, w.shape[-1]
     blocks = value_dim // block_v
     grid, params = _grid_and_params(rows, value_dim, block_v)
     kernel = functools.partial(_backward_kernel, num_chunks=num_chunks, chunk=chunk, block_v=block_v)
-    f32 = jnp.float32
-    out_shape = (jax.ShapeDtypeStruct((blocks, rows, length, key_dim), f32),  # dq parts
-                 jax.ShapeDtypeStruct((blocks, rows, length, chunk), f32),  # dqk parts
-                 jax.ShapeDtypeStruct((blocks, rows, length, key_dim), f32),  # dw parts
-                 jax.ShapeDtypeStruct(u.shape, f32),  # du
-                 jax.ShapeDtypeStruct((blocks, rows, length, key_dim), f32),  # dkd parts
-                 jax.ShapeDtypeStruct((blocks, rows, num_chunks), f32),  # ddecay parts
-                 jax.ShapeDtypeStruct((rows, key_dim, value_dim), f32))  # ds0
+    out_shape = gradient_shapes(u.shape, key_dim, chunk, blocks, (blocks, rows, num_chunks))  # ddecay parts
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=params,
                           interpret=interpret, name="gdr_chunk_backward")(
         q, qk, w, u, kd, decay, states, d_out, d_final)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def chunk_recurrence(q, qk, w, u, kd, decay, s0, chunk, block_v, interpret):
-    """Rows R = batch x heads: q, w, kd [R,T,dk], qk [R,T,C], u [R,T,dv], decay [R,N] f32, s0 [R,dk,dv] f32
-    -> o [R,T,dv] (u's dtype), final state [R,dk,dv] f32. T = N x C."""
-    o, final, _ = _forward(q, qk, w, u, kd, decay, s0, chunk=chunk, block_v=block_v, interpret=interpret)
-    return o, final
+def with_kernel_vjp(forward, gradients):
+    """The differentiable recurrence over a kernel pair: forward(q, qk, w, u, kd, decay, s0, *, chunk,
+    block_v, interpret) -> (o, final, incoming states); gradients(q, qk, w, u, kd, decay, states, d_out,
+    d_final, *, chunk, block_v, interpret) -> the grads of (q, qk, w, u, kd, decay, s0)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+    def recurrence(q, qk, w, u, kd, decay, s0, chunk, block_v, interpret):
+        o, final, _ = forward(q, qk, w, u, kd, decay, s0, chunk=chunk, block_v=block_v, interpret=interpret)
+        return o, final
+
+    def recurrence_fwd(q, qk, w, u, kd, decay, s0, chunk, block_v, interpret):
+        o, final, states = forward(q, qk, w, u, kd, decay, s0, chunk=chunk, block_v=block_v,
+                                   interpret=interpret)
+        return (o, final), (q, qk, w, u, kd, decay, states)
+
+    def recurrence_bwd(chunk, block_v, interpret, residuals, grads):
+        return gradients(*residuals, *grads, chunk=chunk, block_v=block_v, interpret=interpret)
+
+    recurrence.defvjp(recurrence_fwd, recurrence_bwd)
+    return recurrence
 
 
-def _recurrence_fwd(q, qk, w, u, kd, decay, s0, chunk, block_v, interpret):
-    o, final, states = _forward(q, qk, w, u, kd, decay, s0, chunk=chunk, block_v=block_v, interpret=interpret)
-    return (o, final), (q, qk, w, u, kd, decay, states)
+def sum_parts(parts, like):
+    """Per-value-block partial sums [blocks, ...] -> their total in `like`'s dtype."""
+    return jnp.sum(parts, axis=0).astype(like.dtype)
 
 
-def _recurrence_bwd(chunk, block_v, interpret, residuals, grads):
-    q, qk, w, u, kd, decay, states = residuals
-    d_out, d_final = grads
+def _gradients(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v, interpret):
     dq, dqk, dw, du, dkd, ddecay, ds0 = _backward(q, qk, w, u, kd, decay, states, d_out, d_final,
                                                   chunk=chunk, block_v=block_v, interpret=interpret)
-    total = lambda parts, like: jnp.sum(parts, axis=0).astype(like.dtype)  # noqa: E731
-    return (total(dq, q), total(dqk, qk), total(dw, w), du.astype(u.dtype), total(dkd, kd),
-            total(ddecay, decay), ds0)
+    return (sum_parts(dq, q), sum_parts(dqk, qk), sum_parts(dw, w), du.astype(u.dtype), sum_parts(dkd, kd),
+            sum_parts(ddecay, decay), ds0)
 
 
-chunk_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+chunk_recurrence = with_kernel_vjp(_forward, _gradients)
+chunk_recurrence.__doc__ = """Rows R = batch x heads: q, w, kd [R,T,dk], qk [R,T,C], u [R,T,dv], decay [R,N] f32,
+s0 [R,dk,dv] f32 -> o [R,T,dv] (u's dtype), final state [R,dk,dv] f32. T = N x C."""

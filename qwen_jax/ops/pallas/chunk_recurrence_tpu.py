@@ -11,14 +11,13 @@ Checked in interpret mode on CPU (tests/test_pallas_delta_rule.py) and compiled 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qwen_jax.ops.pallas.chunk_recurrence import matmul_f32
+from qwen_jax.ops.pallas.chunk_recurrence import (gradient_shapes, matmul_f32, sum_parts,
+                                                   with_kernel_vjp)
 
 BLOCK_V = 128  # the TPU's lane width
 SEMANTICS = ("parallel", "parallel", "arbitrary")  # rows and value blocks independent; chunks in order
@@ -138,42 +137,21 @@ def _backward(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v,
                 _value_cols(chunk, block_v, reverse), state_block]
     out_specs = (part(key_dim), part(chunk), part(key_dim), _value_cols(chunk, block_v, reverse),
                  part(key_dim), chunk_state, state_block)
-    f32 = jnp.float32
-    out_shape = (jax.ShapeDtypeStruct((blocks, rows, length, key_dim), f32),  # dq parts
-                 jax.ShapeDtypeStruct((blocks, rows, length, chunk), f32),  # dqk parts
-                 jax.ShapeDtypeStruct((blocks, rows, length, key_dim), f32),  # dw parts
-                 jax.ShapeDtypeStruct(u.shape, f32),  # du
-                 jax.ShapeDtypeStruct((blocks, rows, length, key_dim), f32),  # dkd parts
-                 jax.ShapeDtypeStruct((rows, num_chunks, key_dim, value_dim), f32),  # dstates
-                 jax.ShapeDtypeStruct((rows, key_dim, value_dim), f32))  # ds0
+    out_shape = gradient_shapes(u.shape, key_dim, chunk, blocks,
+                                (rows, num_chunks, key_dim, value_dim))  # dstates
     return _call(_backward_kernel, (rows, blocks, num_chunks), in_specs, out_specs, out_shape,
                  (key_dim, block_v), interpret, "gdr_chunk_backward_tpu")(
         decay, q, qk, w, u, kd, states, d_out, d_final)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def chunk_recurrence_tpu(q, qk, w, u, kd, decay, s0, chunk, block_v, interpret):
-    """chunk_recurrence's interface and results (rows R = batch x heads, T = N x C), on TPU."""
-    o, final, _ = _forward(q, qk, w, u, kd, decay, s0, chunk=chunk, block_v=block_v, interpret=interpret)
-    return o, final
-
-
-def _recurrence_fwd(q, qk, w, u, kd, decay, s0, chunk, block_v, interpret):
-    o, final, states = _forward(q, qk, w, u, kd, decay, s0, chunk=chunk, block_v=block_v,
-                                interpret=interpret)
-    return (o, final), (q, qk, w, u, kd, decay, states)
-
-
-def _recurrence_bwd(chunk, block_v, interpret, residuals, grads):
-    q, qk, w, u, kd, decay, states = residuals
-    d_out, d_final = grads
+def _gradients(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v, interpret):
     dq, dqk, dw, du, dkd, dstates, ds0 = _backward(q, qk, w, u, kd, decay, states, d_out, d_final,
                                                    chunk=chunk, block_v=block_v, interpret=interpret)
-    total = lambda parts, like: jnp.sum(parts, axis=0).astype(like.dtype)  # noqa: E731
     # d decay[r, n] = <incoming state of chunk n, gradient of the state leaving it>.
     ddecay = jnp.einsum("rnkv,rnkv->rn", states.astype(jnp.float32), dstates)
-    return (total(dq, q), total(dqk, qk), total(dw, w), du.astype(u.dtype), total(dkd, kd),
+    return (sum_parts(dq, q), sum_parts(dqk, qk), sum_parts(dw, w), du.astype(u.dtype), sum_parts(dkd, kd),
             ddecay.astype(decay.dtype), ds0)
 
 
-chunk_recurrence_tpu.defvjp(_recurrence_fwd, _recurrence_bwd)
+# chunk_recurrence's interface and results (rows R = batch x heads, T = N x C), on TPU.
+chunk_recurrence_tpu = with_kernel_vjp(_forward, _gradients)
