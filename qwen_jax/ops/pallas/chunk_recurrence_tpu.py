@@ -3,7 +3,7 @@
 The same recurrence as chunk_recurrence.py (whose docstring gives the equations), laid out the TPU way:
 the grid is (batch x head, value block, chunk) with the chunk axis last and sequential ("arbitrary"),
 Pallas pipelines each chunk's blocks from HBM into VMEM, and the state S [dk, block_v] stays in a float32
-VMEM scratch across the chunk steps. The per-chunk decays live whole in SMEM (scalars). The backward grid
+VMEM scratch across the chunk steps. Each row's per-chunk decays sit in SMEM (scalars). The backward grid
 walks the chunks in reverse through its index maps and also returns the gradient of every chunk's
 incoming state, from which XLA forms the decay gradients (one reduction instead of per-block partials).
 Checked in interpret mode on CPU (tests/test_pallas_delta_rule.py) and compiled for TPU topologies.
@@ -34,6 +34,12 @@ def _value_cols(chunk, block_v, order):
     return pl.BlockSpec((1, chunk, block_v), lambda r, v, n: (r, order(n), v))
 
 
+def _decays(num_chunks):
+    """BlockSpec of one row's chunk decays in SMEM (read as scalars) from decays [R, 1, N]: the middle
+    axis makes the block's last two dims the array's, as Mosaic's tiling asks."""
+    return pl.BlockSpec((1, 1, num_chunks), lambda r, v, n: (r, 0, 0), memory_space=pltpu.SMEM)
+
+
 def _in_order(n):
     return n
 
@@ -41,7 +47,7 @@ def _in_order(n):
 def _forward_kernel(decay_ref, q_ref, qk_ref, w_ref, u_ref, kd_ref, s0_ref, o_ref, final_ref, states_ref,
                     state_ref):
     """One chunk of one (row-head, value block): writes o and the chunk's incoming state."""
-    row, n = pl.program_id(0), pl.program_id(2)
+    n = pl.program_id(2)
     dtype = w_ref.dtype
 
     @pl.when(n == 0)
@@ -54,7 +60,7 @@ def _forward_kernel(decay_ref, q_ref, qk_ref, w_ref, u_ref, kd_ref, s0_ref, o_re
     new_values = u_ref[0].astype(jnp.float32) - matmul_f32(w_ref[0], state_in)
     new_values_in = new_values.astype(dtype)
     o_ref[0] = (matmul_f32(q_ref[0], state_in) + matmul_f32(qk_ref[0], new_values_in)).astype(o_ref.dtype)
-    state = decay_ref[row, n] * state + matmul_f32(kd_ref[0], new_values_in, trans_a=True)
+    state = decay_ref[0, 0, n] * state + matmul_f32(kd_ref[0], new_values_in, trans_a=True)
     state_ref[...] = state
 
     @pl.when(n == pl.num_programs(2) - 1)
@@ -66,7 +72,7 @@ def _backward_kernel(decay_ref, q_ref, qk_ref, w_ref, u_ref, kd_ref, states_ref,
                      dq_ref, dqk_ref, dw_ref, du_ref, dkd_ref, dstates_ref, ds0_ref, dstate_ref):
     """One chunk (walked in reverse) of one (row-head, value block); shared gradients are this block's
     partial sums, dstates the gradient of the state leaving each chunk."""
-    row, n = pl.program_id(0), pl.program_id(2)
+    n = pl.program_id(2)
     chunk_index = pl.num_programs(2) - 1 - n
     dtype = w_ref.dtype
 
@@ -88,7 +94,7 @@ def _backward_kernel(decay_ref, q_ref, qk_ref, w_ref, u_ref, kd_ref, states_ref,
     dq_ref[0, 0] = matmul_f32(d_out, state_in, trans_b=True)
     dqk_ref[0, 0] = matmul_f32(d_out, new_values_in, trans_b=True)
     dkd_ref[0, 0] = matmul_f32(new_values_in, dstate_in, trans_b=True)
-    dstate = (decay_ref[row, chunk_index] * dstate + matmul_f32(q, d_out, trans_a=True)
+    dstate = (decay_ref[0, 0, chunk_index] * dstate + matmul_f32(q, d_out, trans_a=True)
               - matmul_f32(w, d_new_values_in, trans_a=True))
     dstate_ref[...] = dstate
 
@@ -108,7 +114,7 @@ def _forward(q, qk, w, u, kd, decay, s0, *, chunk, block_v, interpret):
     rows, length, value_dim = u.shape
     key_dim, num_chunks = w.shape[-1], length // chunk
     state_block = pl.BlockSpec((1, key_dim, block_v), lambda r, v, n: (r, 0, v))
-    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), _rows(chunk, key_dim, _in_order),
+    in_specs = [_decays(num_chunks), _rows(chunk, key_dim, _in_order),
                 _rows(chunk, chunk, _in_order), _rows(chunk, key_dim, _in_order),
                 _value_cols(chunk, block_v, _in_order), _rows(chunk, key_dim, _in_order), state_block]
     out_specs = (_value_cols(chunk, block_v, _in_order), state_block,
@@ -118,7 +124,7 @@ def _forward(q, qk, w, u, kd, decay, s0, *, chunk, block_v, interpret):
                  jax.ShapeDtypeStruct((rows, num_chunks, key_dim, value_dim), w.dtype))
     return _call(_forward_kernel, (rows, value_dim // block_v, num_chunks), in_specs, out_specs,
                  out_shape, (key_dim, block_v), interpret, "gdr_chunk_forward_tpu")(
-        decay, q, qk, w, u, kd, s0)
+        decay[:, None], q, qk, w, u, kd, s0)
 
 
 def _backward(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v, interpret):
@@ -131,7 +137,7 @@ def _backward(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v,
     def part(width):  # this value block's partial sum of a shared gradient, [blocks, R, T, width]
         return pl.BlockSpec((1, 1, chunk, width), lambda r, v, n: (v, r, reverse(n), 0))
 
-    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), _rows(chunk, key_dim, reverse),
+    in_specs = [_decays(num_chunks), _rows(chunk, key_dim, reverse),
                 _rows(chunk, chunk, reverse), _rows(chunk, key_dim, reverse),
                 _value_cols(chunk, block_v, reverse), _rows(chunk, key_dim, reverse), chunk_state,
                 _value_cols(chunk, block_v, reverse), state_block]
@@ -141,7 +147,7 @@ def _backward(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v,
                                 (rows, num_chunks, key_dim, value_dim))  # dstates
     return _call(_backward_kernel, (rows, blocks, num_chunks), in_specs, out_specs, out_shape,
                  (key_dim, block_v), interpret, "gdr_chunk_backward_tpu")(
-        decay, q, qk, w, u, kd, states, d_out, d_final)
+        decay[:, None], q, qk, w, u, kd, states, d_out, d_final)
 
 
 def _gradients(q, qk, w, u, kd, decay, states, d_out, d_final, *, chunk, block_v, interpret):
