@@ -121,8 +121,9 @@ def _keep_routing(routing: np.ndarray, out, column: int, starts, rows) -> None:
     row's real tokens (its prompt, then its sampled tokens) that the generate call `out` wrote from
     cache column `column` on."""
     end = int(out.cache.index)
-    valid = to_host(out.cache.valid)[:, column:end]  # skips the padding between rows' tokens
-    experts = to_host(out.routing)[:, :, column:end]
+    # Sliced on the device: only this call's columns come to the host.
+    valid = to_host(out.cache.valid[:, column:end])  # skips the padding between rows' tokens
+    experts = to_host(out.routing[:, :, column:end])
     for row in rows:
         kept = experts[:, row, valid[row]]
         routing[row, :, starts[row]:starts[row] + kept.shape[1]] = kept
