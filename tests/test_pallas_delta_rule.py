@@ -6,6 +6,7 @@ several chunks per row, packed segments (one cut on a chunk edge, a reused id, p
 state. The TPU kernels also compile for a real TPU (XLA:TPU through libtpu, on this CPU host).
 """
 
+import contextlib
 import functools
 
 import jax
@@ -16,9 +17,11 @@ from flax import nnx
 
 from qwen_jax import ModelConfig, Qwen35ForCausalLM, preset
 from qwen_jax.config import ConfigError
-from qwen_jax.model.gated_deltanet import gdn_method
+from qwen_jax.model.gated_deltanet import GatedDeltaNet, gdn_method
 from qwen_jax.ops.delta_rule import gated_delta_rule, l2_normalise
 from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, pallas_gated_delta_rule
+from qwen_jax.parallel.mesh import make_mesh
+from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
 from qwen_jax.train.compile_check import tpu_topology
 
 B, T, H, D = 2, 200, 2, 128  # T = 200: three full chunks of 64 and a partial one
@@ -130,8 +133,10 @@ def test_tpu_kernels_compile_for_a_v5p_chip():
 def test_kernel_shape_limits_are_named():
     with pytest.raises(ValueError, match="key head dim"):
         check_kernel_shapes(96, 128, 64, 64)
+    with pytest.raises(ValueError, match="value head dim"):
+        check_kernel_shapes(128, 96, 64, 32)  # the terms kernel holds a whole value head
     with pytest.raises(ValueError, match="multiple of block_v"):
-        check_kernel_shapes(128, 96, 64, 64)
+        check_kernel_shapes(128, 64, 64, 128)
     with pytest.raises(ValueError, match="multiple of 8"):
         check_kernel_shapes(128, 128, 60, 128, platform="tpu")
     with pytest.raises(ValueError, match="multiple of 128"):
@@ -168,3 +173,37 @@ def test_model_with_pallas_gdn_matches_pure_jax():
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
     for expected, actual in zip(jax.tree.leaves(nnx.state(expected_grads)), jax.tree.leaves(nnx.state(grads))):
         np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 2, "tensor": 2}, {"context": 4}])
+def test_pallas_gdn_layer_on_a_mesh_matches_the_pure_jax_layer(mesh_sizes):
+    """The layer on 4 devices with gdn_impl pallas (interpreted; in shard_map over rows and heads, or the
+    context path's) == the pure-JAX layer on one device: output and the gradients of the input and every
+    weight, packed rows."""
+    config = preset("tiny", gdn_chunk_size=16)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 128, config.hidden_size)), jnp.float32)
+    segments = jnp.asarray(np.stack([np.repeat([1, 2, 3], [32, 50, 46]), np.ones(128)]), jnp.int32)
+    mesh = make_mesh(mesh_sizes, jax.devices()[:4])  # context: 32 tokens, two chunks, per shard
+
+    def out_and_grads(impl, on_mesh):
+        layer = GatedDeltaNet(config.replace(gdn_impl=impl), dtype=jnp.float32, param_dtype=jnp.float32,
+                              rngs=nnx.Rngs(0))  # the same seed: the same weights for both impls
+        graph, params = nnx.split(layer)
+
+        def loss(params, x):
+            out, _ = nnx.merge(graph, params)(x, segments)
+            return jnp.sum(out * out), out
+
+        with activation_sharding(mesh, DEFAULT_RULES) if on_mesh else contextlib.nullcontext():
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+            (_, out), grads = step(params, x)
+            kernels_in_shard_map = "shard_map" in str(step.trace(params, x).jaxpr)
+        return out, jax.tree.leaves(grads), kernels_in_shard_map
+
+    expected_out, expected_grads, _ = out_and_grads("jax", on_mesh=False)
+    out, grads, in_shard_map = out_and_grads("pallas", on_mesh=True)
+    assert in_shard_map
+    np.testing.assert_allclose(out, expected_out, rtol=1e-4, atol=1e-5)
+    assert len(grads) == len(expected_grads) > 8
+    for grad, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)

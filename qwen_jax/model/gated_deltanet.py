@@ -11,9 +11,9 @@ from jax.sharding import PartitionSpec
 from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import GatedRMSNorm
-from qwen_jax.ops.delta_rule import gated_delta_rule, l2_normalise, rule_from_terms
+from qwen_jax.ops.delta_rule import chunk_terms, gated_delta_rule, rule_from_terms
 from qwen_jax.ops.pallas.gated_delta_rule import (check_kernel_shapes, default_block_v, kernel_platform,
-                                                  pallas_rule_from_terms)
+                                                  pallas_chunk_terms, pallas_rule_from_terms)
 from qwen_jax.parallel.context import AXIS, context_shards, delta_rule_across_shards, previous_shard_tail
 from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for
 
@@ -102,8 +102,7 @@ class GatedDeltaNet(nnx.Module):
             out = self._across_context(pre_conv, g, beta, segment_ids, mesh)
         else:
             conv = causal_depthwise_conv(pre_conv, self.conv_weight[...], segment_ids)
-            out, _ = gated_delta_rule(*self._heads(conv), g, beta, segment_ids=segment_ids, method=self.method,
-                                      **self._rule_options())
+            out, _ = self._rule(*self._heads(conv), g, beta, segment_ids, None, self.method, mesh)
         out = self.norm(out.astype(x.dtype), z)
         return self.out_proj(out.reshape(batch, length, self.num_v_heads * self.v_head_dim)), cache
 
@@ -119,8 +118,29 @@ class GatedDeltaNet(nnx.Module):
         group = self.num_v_heads // self.num_k_heads
         return jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2), v
 
-    def _rule_options(self) -> dict:
-        return dict(chunk_size=self.chunk_size, scan=self.scan, normalize_qk=True, scale=self.k_head_dim**-0.5)
+    def _rule(self, q, k, v, g, beta, segment_ids, initial_state, method, mesh):
+        """The gated delta rule over this layer's heads -> (o [B, T, Hv, dv], state [B, Hv, dk, dv]).
+
+        On a mesh, the Pallas kernels run inside shard_map over the rows and heads: XLA cannot partition a
+        kernel call, and every row and head is independent.
+        """
+        rule = functools.partial(gated_delta_rule, method=method, chunk_size=self.chunk_size, scan=self.scan,
+                                 normalize_qk=True, scale=self.k_head_dim**-0.5)
+        if method != "pallas" or mesh is None or mesh.size == 1:
+            return rule(q, k, v, g, beta, segment_ids=segment_ids, initial_state=initial_state)
+        batch, _, heads, _ = v.shape
+        rows, heads_axes = spec_for(("batch", "heads"), (batch, heads), mesh, active_rules())
+        per_head, per_step = PartitionSpec(rows, None, heads_axes, None), PartitionSpec(rows, None, heads_axes)
+        states = PartitionSpec(rows, heads_axes, None, None)
+
+        def local(q, k, v, g, beta, segment_ids, initial_state):
+            return rule(q, k, v, g, beta, segment_ids=segment_ids, initial_state=initial_state)
+
+        # check_vma off: the Pallas kernels' output shapes carry no varying-axes type.
+        return jax.shard_map(local, mesh=mesh, check_vma=False,
+                             in_specs=(per_head, per_head, per_head, per_step, per_step, PartitionSpec(rows, None),
+                                       states), out_specs=(per_head, states))(
+            q, k, v, g, beta, segment_ids, initial_state)
 
     def _continue(self, pre_conv, g, beta, segment_ids, cache):
         """A cached call: the conv window and the state carry on; segment id 0 (right padding) leaves both."""
@@ -135,8 +155,8 @@ class GatedDeltaNet(nnx.Module):
         conv_cache = jnp.take_along_axis(window, last[..., None], axis=1).astype(cache["conv"].dtype)
         # No decay and no write: the state passes padding unchanged.
         g, beta = jnp.where(keep[..., None], g, 0.0), jnp.where(keep[..., None], beta, 0.0)
-        out, state = gated_delta_rule(*self._heads(conv), g, beta, initial_state=cache["state"],
-                                      method="recurrent" if length == 1 else self.method, **self._rule_options())
+        out, state = self._rule(*self._heads(conv), g, beta, None, cache["state"],
+                                "recurrent" if length == 1 else self.method, active_mesh())
         return out, {"conv": conv_cache, "state": state}
 
     def _across_context(self, pre_conv, g, beta, segment_ids, mesh):
@@ -150,19 +170,20 @@ class GatedDeltaNet(nnx.Module):
         ids = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
         batch_axes = spec_for(("batch",), (batch,), mesh, active_rules())[0]
         rows, per_token = PartitionSpec(batch_axes, AXIS), PartitionSpec(batch_axes, AXIS, None)
-        from_terms = rule_from_terms
+        terms_of, from_terms = chunk_terms, rule_from_terms
         if self.method == "pallas":
-            from_terms = functools.partial(pallas_rule_from_terms, operand=pre_conv.dtype)
+            terms_of, from_terms = pallas_chunk_terms, functools.partial(pallas_rule_from_terms, operand=pre_conv.dtype)
+        terms_of = functools.partial(terms_of, normalize_qk=True, scale=self.k_head_dim**-0.5)
 
         def local(pre_conv, weight, g, beta, ids):
             window = jnp.concatenate([previous_shard_tail(pre_conv, taps - 1, fill=0), pre_conv], axis=1)
             window_ids = jnp.concatenate([previous_shard_tail(ids, taps - 1, fill=-1), ids], axis=1)
             q, k, v = self._heads(causal_depthwise_conv(window, weight, window_ids)[:, taps - 1 :])
-            scale = self.k_head_dim**-0.5
-            out, _ = delta_rule_across_shards(l2_normalise(q) * scale, l2_normalise(k), v, g, beta, ids,
-                                              chunk_size=self.chunk_size, from_terms=from_terms)
+            out, _ = delta_rule_across_shards(q, k, v, g, beta, ids, chunk_size=self.chunk_size, terms_of=terms_of,
+                                              from_terms=from_terms)
             return out
 
+        # check_vma off: the Pallas kernels' output shapes carry no varying-axes type.
         return jax.shard_map(local, mesh=mesh, in_specs=(per_token, PartitionSpec(), per_token, per_token, rows),
-                             out_specs=PartitionSpec(batch_axes, AXIS, None, None))(
+                             out_specs=PartitionSpec(batch_axes, AXIS, None, None), check_vma=False)(
             pre_conv, self.conv_weight[...], g, beta, ids)

@@ -97,6 +97,16 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_
     return jnp.moveaxis(o, 0, 1).astype(v.dtype), final_state
 
 
+def segment_runs(segment_ids, batch, seq_len):
+    """[B, T] ids | None -> int32 [B, T]: which run of equal ids each token is in (all 0 without ids).
+
+    Numbering runs (rather than trusting the ids) makes a reused id, e.g. 1, 0, 1, still reset.
+    """
+    if segment_ids is None:
+        return jnp.zeros((batch, seq_len), jnp.int32)
+    return jnp.cumsum(_segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
 def _chunk_masks(segment_ids, chunk_size, padding):
     """Segment masks per chunk, shaped to broadcast over heads: [B,1,N,C,C] same, [B,1,N,C] carried, in_last.
 
@@ -105,8 +115,7 @@ def _chunk_masks(segment_ids, chunk_size, padding):
     token's segment, so it writes into the outgoing state.
     """
     batch = segment_ids.shape[0]
-    # Numbering runs of equal ids (rather than trusting the ids) makes a reused id, e.g. 1, 0, 1, still reset.
-    runs = jnp.cumsum(_segment_starts(segment_ids), axis=1)
+    runs = segment_runs(segment_ids, *segment_ids.shape)
     run_before = jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1)[:, ::chunk_size]  # [B, N]
     # Edge padding: padded positions join the last segment and so never reset anything.
     runs = jnp.pad(runs, ((0, 0), (0, padding)), mode="edge").reshape(batch, 1, -1, chunk_size)
@@ -130,8 +139,13 @@ class ChunkTerms(NamedTuple):
     state_decay: jax.Array  # [B, H, N]: how much of the incoming state the chunk hands on
 
 
-def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size) -> ChunkTerms:
-    """q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H], ids [B,T] | None -> ChunkTerms (T padded to N*C)."""
+def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False, scale=None) -> ChunkTerms:
+    """q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H], ids [B,T] | None -> ChunkTerms (T padded to N*C).
+
+    normalize_qk: take raw q, k and l2-normalise them first (see normalized_qk).
+    """
+    if normalize_qk:
+        q, k = normalized_qk(q, k, scale)
     batch, seq_len, heads, _ = q.shape
     num_chunks = -(-seq_len // chunk_size)
     padding = num_chunks * chunk_size - seq_len
@@ -221,7 +235,9 @@ def terms_map(terms: ChunkTerms):
     def step(total, chunk):
         return compose_affine(total, chunk_maps(*chunk)), None
 
-    chunks = tuple(jnp.moveaxis(x, 2, 0) for x in (terms.u, terms.w, terms.k_to_end, terms.state_decay))
+    # float32 even when the terms are the kernel's bf16 operands: the composed map carries every chunk's rounding.
+    chunks = tuple(jnp.moveaxis(x.astype(jnp.float32), 2, 0)
+                   for x in (terms.u, terms.w, terms.k_to_end, terms.state_decay))
     total, _ = lax.scan(step, identity, chunks)
     return total
 
@@ -271,6 +287,12 @@ def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def normalized_qk(q: jax.Array, k: jax.Array, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Raw q, k [..., dk] -> float32 l2-normalised q * scale (default dk^-0.5) and k."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return l2_normalise(q) * scale, l2_normalise(k)
+
+
 def gated_delta_rule(
     q,
     k,
@@ -288,21 +310,20 @@ def gated_delta_rule(
 ):
     """Dispatch to the chunked, recurrent or Pallas form -> o [B,T,H,dv] (v's dtype), state [B,H,dk,dv].
 
-    normalize_qk: l2-normalise q and k first (in float32; XLA fuses it into the chunk terms) and scale q
-    by `scale` (default dk^-0.5), so that callers can hand over the raw bf16 projections.
+    normalize_qk: l2-normalise q and k first (in float32; XLA fuses it into the chunk terms, the Pallas
+    kernel does it in registers) and scale q by `scale` (default dk^-0.5), so that callers can hand over
+    the raw bf16 projections.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if normalize_qk:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        q, k = l2_normalise(q) * scale, l2_normalise(k)
-        if method == "pallas" and v.dtype == jnp.bfloat16:  # the kernel's bf16 operands
-            q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     kwargs = dict(initial_state=initial_state, segment_ids=segment_ids)
-    if method == "recurrent":
-        return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     if method == "pallas":
         from qwen_jax.ops.pallas.gated_delta_rule import pallas_gated_delta_rule  # the kernel imports this module
 
-        return pallas_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+        return pallas_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, normalize_qk=normalize_qk,
+                                       scale=scale, **kwargs)
+    if normalize_qk:
+        q, k = normalized_qk(q, k, scale)
+    if method == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     return chunked_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, **kwargs)

@@ -34,10 +34,11 @@ def previous_shard_tail(x: jax.Array, rows: int, fill) -> jax.Array:
 
 
 def delta_rule_across_shards(q, k, v, g, beta, segment_ids, *, chunk_size, initial_state=None,
-                             from_terms=rule_from_terms):
+                             terms_of=chunk_terms, from_terms=rule_from_terms):
     """This shard's q, k [B,t,H,dk], v [B,t,H,dv], g, beta [B,t,H], ids [B,t] -> (o [B,t,H,dv] in v's dtype,
-    the whole sequence's final state [B,H,dk,dv]); from_terms(terms, state0) -> (o, final) runs the chunks."""
-    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+    the whole sequence's final state [B,H,dk,dv]). terms_of(q, k, v, g, beta, ids, chunk_size) -> ChunkTerms
+    forms the chunks' terms; from_terms(terms, state0) -> (o, final) runs the chunks."""
+    terms = terms_of(q, k, v, g, beta, segment_ids, chunk_size)
     transition, offset = terms_map(terms)
     first_id = segment_ids[:, :1]
     # The first shard always carries the initial state, as the unsplit rule does.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ class CompileReport:
     code: int
     hbm: float
     error: str | None = None  # XLA's own out-of-memory message when the step cannot fit at all
+    kernels: tuple[str, ...] = ()  # the Pallas (Mosaic) kernels the step calls
 
     @property
     def total(self) -> int:
@@ -58,6 +60,7 @@ class CompileReport:
         lines.append(f"| HBM of the chip | {self.hbm / GIB:.2f} |")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict}: {self.total / GIB:.2f} of {self.hbm / GIB:.2f} GiB per device")
+        lines.append(f"Pallas kernels: {', '.join(self.kernels) or 'none'}")
         return "\n".join(lines)
 
 
@@ -80,6 +83,11 @@ def tpu_topology(name: str):
                           "pip install libtpu") from None
 
 
+def mosaic_kernels(lowered_text: str) -> tuple[str, ...]:
+    """The Pallas (Mosaic) kernels a program lowered for TPU calls, by name (from its StableHLO text)."""
+    return tuple(sorted(set(re.findall(r'kernel_name = "([\w-]+)"', lowered_text))))
+
+
 def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> CompileReport:
     """Compile the train step of `config` for `topology`; per-device memory from XLA:TPU."""
     model_cfg, train_cfg = model_config(config), train_config(config)
@@ -93,8 +101,10 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Comp
              for key, sharding in trainer.batch_shardings.items()}
     report = dict(topology=topology, devices=len(devices), mesh=dict(mesh.shape),
                   hbm=HBM_PER_CHIP[topology.split(":")[0]])
+    lowered = trainer.step_fn.lower(state, batch)
+    report["kernels"] = mosaic_kernels(lowered.as_text())
     try:
-        memory = trainer.step_fn.lower(state, batch).compile().memory_analysis()
+        memory = lowered.compile().memory_analysis()
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise

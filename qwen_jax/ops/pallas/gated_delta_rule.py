@@ -1,10 +1,10 @@
-"""The chunked gated delta rule with its chunk-to-chunk recurrence in a Pallas kernel: Triton on GPU, Mosaic
-on TPU, interpreted elsewhere.
+"""The chunked gated delta rule in Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted elsewhere.
 
-XLA computes the chunk-local terms chunk-parallel (batched matmuls it fuses well); the kernel does the
-sequential part that XLA runs as a loop of small launches. Same interface and results as
-ops.delta_rule.chunked_gated_delta_rule, which stays the oracle. `platform` picks the kernel ("gpu" or
-"tpu"; default: this backend's, the GPU one off TPU); it is compiled only on its own platform.
+Two kernels on GPU: one computes the chunk-local terms chunk-parallel (ops/pallas/chunk_terms.py, with the
+l2norm and scale of q and k inside), one walks the chunk-to-chunk recurrence. On TPU, XLA computes the terms
+and the Mosaic kernel runs the recurrence. Same interface and results as
+ops.delta_rule.chunked_gated_delta_rule, which stays the oracle. `platform` picks the kernels ("gpu" or
+"tpu"; default: the target's, the GPU ones off TPU); they are compiled only on their own platform.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, chunk_terms, start_state
+from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, chunk_terms, normalized_qk, start_state
 from qwen_jax.ops.pallas import chunk_recurrence_tpu as tpu
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
+from qwen_jax.ops.pallas.chunk_terms import fused_chunk_terms
+from qwen_jax.parallel.rules import active_mesh
 
 PLATFORMS = ("gpu", "tpu")
 
@@ -24,9 +26,16 @@ def _tileable(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
+def target_platform() -> str:
+    """Where the program being traced runs: the active mesh's devices (a TPU topology that `qwen-jax compile`
+    compiles for on a CPU host), else this backend."""
+    mesh = active_mesh()
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def kernel_platform(platform: str | None = None) -> str:
-    """The kernel for `platform` (default: this backend): Mosaic on TPU, else the Triton kernel."""
-    platform = platform or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+    """The kernels for `platform` (default: the target's): Mosaic on TPU, else the Triton kernels."""
+    platform = platform or ("tpu" if target_platform() == "tpu" else "gpu")
     if platform not in PLATFORMS:
         raise ValueError(f"the Pallas gated delta rule has kernels for {PLATFORMS}, not {platform!r}")
     return platform
@@ -39,8 +48,9 @@ def default_block_v(value_dim: int, platform: str) -> int:
 
 def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: int,
                         platform: str = "gpu") -> None:
-    """Raise ValueError unless the platform's kernel can tile these. Triton: powers of two >= 16;
-    Mosaic: chunks a multiple of 8 rows, value blocks of whole 128-lane tiles (or all of dv)."""
+    """Raise ValueError unless the platform's kernels can tile these. Triton: powers of two >= 16 (the terms
+    kernel holds a whole value head); Mosaic: chunks a multiple of 8 rows, value blocks of whole 128-lane
+    tiles (or all of dv)."""
     if platform == "tpu":
         if chunk_size % 8:
             raise ValueError(f"the TPU gated delta rule kernel needs chunk_size to be a multiple of 8; "
@@ -49,7 +59,8 @@ def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: 
             raise ValueError(f"the TPU gated delta rule kernel needs block_v to be a multiple of 128 or "
                              f"the value head dim ({value_dim}); got {block_v}")
     else:
-        for name, size in (("key head dim", key_dim), ("chunk_size", chunk_size), ("block_v", block_v)):
+        for name, size in (("key head dim", key_dim), ("value head dim", value_dim), ("chunk_size", chunk_size),
+                           ("block_v", block_v)):
             if not _tileable(size):
                 raise ValueError(f"the Pallas gated delta rule needs {name} to be a power of two >= 16; "
                                  f"got {size}")
@@ -59,21 +70,37 @@ def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: 
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64,
-                            block_v=None, interpret=None, platform=None):
+                            normalize_qk=False, scale=None, block_v=None, interpret=None, platform=None):
     """q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv] (v's dtype), state [B,H,dk,dv] f32.
 
-    Matmul operands are bf16 when q, k and v all are, else float32. interpret None: compiled on the
-    kernel's own platform only.
+    Matmul operands are bf16 when q, k and v all are, else float32. normalize_qk as in
+    ops.delta_rule.gated_delta_rule. interpret None: compiled on the kernels' own platform only.
     """
     check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     seq_len = q.shape[1]
     all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     operand = jnp.bfloat16 if all_bf16 else jnp.float32
-
-    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+    terms = pallas_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, normalize_qk=normalize_qk, scale=scale,
+                               interpret=interpret, platform=platform)
     o, final = pallas_rule_from_terms(terms, start_state(initial_state, q, v), operand=operand, block_v=block_v,
                                       interpret=interpret, platform=platform)
     return o[:, :seq_len].astype(v.dtype), final
+
+
+def pallas_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False, scale=None,
+                       interpret=None, platform=None) -> ChunkTerms:
+    """ops.delta_rule.chunk_terms for the platform's recurrence kernel: the fused Triton kernel on GPU; XLA
+    on TPU, with normalised q, k rounded back to their dtype (the kernel's bf16 operands)."""
+    platform = kernel_platform(platform)
+    if platform == "gpu":
+        value_dim = v.shape[-1]
+        check_kernel_shapes(q.shape[-1], value_dim, chunk_size, default_block_v(value_dim, platform), platform)
+        interpret = target_platform() != "gpu" if interpret is None else interpret
+        return fused_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, normalize=normalize_qk, scale=scale,
+                                 interpret=interpret)
+    if normalize_qk:
+        q, k = (x.astype(raw.dtype) for x, raw in zip(normalized_qk(q, k, scale), (q, k)))
+    return chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
 
 
 def pallas_rule_from_terms(terms: ChunkTerms, state0, *, operand, block_v=None, interpret=None,
@@ -86,7 +113,7 @@ def pallas_rule_from_terms(terms: ChunkTerms, state0, *, operand, block_v=None, 
     block_v = default_block_v(value_dim, platform) if block_v is None else block_v
     check_kernel_shapes(key_dim, value_dim, chunk_size, block_v, platform)
     if interpret is None:
-        interpret = jax.default_backend() != platform
+        interpret = target_platform() != platform
     recurrence = tpu.chunk_recurrence_tpu if platform == "tpu" else chunk_recurrence
 
     def flat(x):
