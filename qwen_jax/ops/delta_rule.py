@@ -189,17 +189,73 @@ def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False
     )
 
 
-def _incoming_states_sequential(state0, u, w, k_to_end, state_decay):
-    """lax.scan over chunks (axis 0) with the direct update V' = U - W S; -> ([N,B,H,dk,dv] incoming, final)."""
+def _chunk_major(x):
+    """[B, H, N, ...] -> [N, B, H, ...]: the scans run over the leading axis."""
+    return jnp.moveaxis(x, 2, 0)
+
+
+def _batch_major(x):
+    """[N, B, H, ...] -> [B, H, N, ...]."""
+    return jnp.moveaxis(x, 0, 2)
+
+
+def _outputs(terms: ChunkTerms, incoming, new_values):
+    """All chunks at once, given their incoming states and V': o = q_decayed S + qk_decayed V' [B,H,N,C,dv]."""
+    o = _einsum("bhnck,bhnkv->bhncv", terms.q_decayed, incoming)
+    return o + _einsum("bhnrs,bhnsv->bhnrv", terms.qk_decayed, new_values)
+
+
+def _sequential_forward(terms: ChunkTerms, state0):
+    """lax.scan over chunks of only the state's own work -> (o, final), (incoming states, V') [B,H,N,...]."""
 
     def step(state, chunk):
         u_c, w_c, k_to_end_c, decay_c = chunk
         new_values = u_c - _einsum("bhck,bhkv->bhcv", w_c, state)
         next_state = decay_c[..., None, None] * state + _einsum("bhck,bhcv->bhkv", k_to_end_c, new_values)
-        return next_state, state
+        return next_state, (state, new_values)
 
-    final_state, incoming = lax.scan(step, state0, (u, w, k_to_end, state_decay))
-    return incoming, final_state
+    chunks = tuple(map(_chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
+    final_state, (incoming, new_values) = lax.scan(step, state0, chunks)
+    incoming, new_values = _batch_major(incoming), _batch_major(new_values)
+    return (_outputs(terms, incoming, new_values), final_state), (terms, incoming, new_values)
+
+
+def _sequential_backward(residuals, grads):
+    """The reverse scan carries only the state's gradient; every other gradient is chunk-parallel."""
+    terms, incoming, new_values = residuals
+    d_out, d_final = grads
+    # What the chunk's outputs send back: to V' (qk^T dO) and to its incoming state (q_decayed^T dO).
+    to_new_values = _einsum("bhnrs,bhnrv->bhnsv", terms.qk_decayed, d_out)
+    to_state = _einsum("bhnck,bhncv->bhnkv", terms.q_decayed, d_out)
+
+    def step(d_state, chunk):  # d_state: the gradient of the state leaving this chunk
+        to_new_values_c, to_state_c, w_c, k_to_end_c, decay_c = chunk
+        d_new_values = to_new_values_c + _einsum("bhck,bhkv->bhcv", k_to_end_c, d_state)
+        d_incoming = (decay_c[..., None, None] * d_state + to_state_c
+                      - _einsum("bhck,bhcv->bhkv", w_c, d_new_values))
+        return d_incoming, (d_new_values, d_state)
+
+    chunks = tuple(map(_chunk_major, (to_new_values, to_state, terms.w, terms.k_to_end, terms.state_decay)))
+    d_state0, (d_new_values, d_leaving) = lax.scan(step, d_final, chunks, reverse=True)
+    d_new_values, d_leaving = _batch_major(d_new_values), _batch_major(d_leaving)
+    d_terms = ChunkTerms(
+        q_decayed=_einsum("bhncv,bhnkv->bhnck", d_out, incoming),
+        qk_decayed=_einsum("bhnrv,bhnsv->bhnrs", d_out, new_values),
+        u=d_new_values,
+        w=-_einsum("bhncv,bhnkv->bhnck", d_new_values, incoming),
+        k_to_end=_einsum("bhncv,bhnkv->bhnck", new_values, d_leaving),
+        state_decay=jnp.sum(incoming * d_leaving, axis=(-2, -1)),
+    )
+    return jax.tree.map(lambda d, x: d.astype(x.dtype), d_terms, terms), d_state0
+
+
+@jax.custom_vjp
+def _sequential_rule(terms: ChunkTerms, state0):
+    """ChunkTerms, incoming state [B,H,dk,dv] -> o [B,H,N,C,dv], final state; the chunk scan in order."""
+    return _sequential_forward(terms, state0)[0]
+
+
+_sequential_rule.defvjp(_sequential_forward, _sequential_backward)
 
 
 def compose_affine(earlier, later):
@@ -236,8 +292,7 @@ def terms_map(terms: ChunkTerms):
         return compose_affine(total, chunk_maps(*chunk)), None
 
     # float32 even when the terms are the kernel's bf16 operands: the composed map carries every chunk's rounding.
-    chunks = tuple(jnp.moveaxis(x.astype(jnp.float32), 2, 0)
-                   for x in (terms.u, terms.w, terms.k_to_end, terms.state_decay))
+    chunks = tuple(_chunk_major(x.astype(jnp.float32)) for x in (terms.u, terms.w, terms.k_to_end, terms.state_decay))
     total, _ = lax.scan(step, identity, chunks)
     return total
 
@@ -252,20 +307,13 @@ def _check_chunking(scan, chunk_size):
 
 def rule_from_terms(terms: ChunkTerms, state0, scan="sequential"):
     """ChunkTerms and the incoming state [B,H,dk,dv] -> o float32 [B, N*C, H, dv], final state [B,H,dk,dv]."""
-
-    def chunk_major(x):
-        """[B, H, N, ...] -> [N, B, H, ...]: the scans run over the leading axis."""
-        return jnp.moveaxis(x, 2, 0)
-
-    incoming_states = _incoming_states_sequential if scan == "sequential" else _incoming_states_associative
-    incoming, final_state = incoming_states(
-        state0, *map(chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
-    incoming = jnp.moveaxis(incoming, 0, 2)  # [B, H, N, dk, dv]
-
-    # All chunks at once, given their incoming states.
-    new_values = terms.u - _einsum("bhnck,bhnkv->bhncv", terms.w, incoming)
-    o = _einsum("bhnck,bhnkv->bhncv", terms.q_decayed, incoming)
-    o = o + _einsum("bhnrs,bhnsv->bhnrv", terms.qk_decayed, new_values)
+    if scan == "sequential":
+        o, final_state = _sequential_rule(terms, state0)
+    else:
+        incoming, final_state = _incoming_states_associative(
+            state0, *map(_chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
+        incoming = _batch_major(incoming)
+        o = _outputs(terms, incoming, terms.u - _einsum("bhnck,bhnkv->bhncv", terms.w, incoming))
     batch, heads, _, _, value_dim = o.shape
     return jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2), final_state
 
