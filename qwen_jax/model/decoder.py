@@ -161,6 +161,16 @@ class Qwen35ForCausalLM(nnx.Module):
             return self.groups.layers[index % period], index // period
         return self.tail.layers[index - self.num_groups * period], None
 
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] ids -> [B, T, H] rows of the embedding, in the compute dtype.
+
+        The table is gathered whole along the model width first (as FSDP does for any weight it uses): a
+        lookup into a table split over both vocab and width hands back rows split over the width, which
+        XLA can only bring to the batch layout by replicating them ("involuntary full rematerialization").
+        """
+        table = self.embed_tokens.embedding[...].astype(self.config.dtype)
+        return jnp.take(constrain(table, ("vocab", None)), input_ids, axis=0)
+
     def head_weight(self) -> jax.Array:
         """[H, V] output projection (the embedding, transposed, when tied)."""
         if self.config.tie_word_embeddings:
@@ -239,7 +249,7 @@ class Qwen35ForCausalLM(nnx.Module):
             group_replay = routing[:grouped].reshape(self.num_groups, period, *routing.shape[1:])
             tail_replay = routing[grouped:]
 
-        h = self.embed_tokens(input_ids)
+        h = self._embed(input_ids)
         if pixel_values is not None or pixel_values_videos is not None:
             h = embed_vision(self.visual, cfg, h, input_ids, pixel_values, image_grid_thw,
                              pixel_values_videos, video_grid_thw)
