@@ -86,7 +86,6 @@ class _Chunk(NamedTuple):
     k_factor: jax.Array | None
     v: jax.Array  # [C, dv]
     beta: jax.Array  # [C]
-    log_decay: jax.Array  # [C] cumulative within the chunk
     gamma: jax.Array  # [C, C] exp(G_r - G_s) on s <= r of one segment
     carried_decay: jax.Array  # [C]
     decay_to_end: jax.Array  # [C]
@@ -113,9 +112,8 @@ def _chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, prev_ref, options: Op
     strictly_lower = row > col
     kk = matmul_f32(k_operand, k_operand, trans_b=True)
     a = jnp.where(strictly_lower, beta[:, None] * kk * gamma, 0.0)
-    return _Chunk(q, k, q_operand, k_operand, q_factor, k_factor, v_ref[...].astype(jnp.float32), beta,
-                  log_decay, gamma, carried_decay, decay_to_end, strictly_lower, kk,
-                  _unit_lower_inverse(a, row, col))
+    return _Chunk(q, k, q_operand, k_operand, q_factor, k_factor, v_ref[...].astype(jnp.float32), beta, gamma,
+                  carried_decay, decay_to_end, strictly_lower, kk, _unit_lower_inverse(a, row, col))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, prev_ref,
