@@ -55,6 +55,16 @@ def terms_and_grads(inputs, cotangents, *, fused, normalize, with_segments):
     return values, grads
 
 
+def fused_and_reference(inputs, reference_inputs, seed, **options):
+    """(values, grads) of the fused kernel on `inputs` and of chunk_terms on `reference_inputs`, both
+    against one set of random cotangents."""
+    shapes = jax.eval_shape(lambda: chunk_terms(*reference_inputs, SEGMENTS, C))
+    rng = np.random.default_rng(seed)
+    cotangents = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in shapes]
+    return (terms_and_grads(inputs, cotangents, fused=True, **options),
+            terms_and_grads(reference_inputs, cotangents, fused=False, **options))
+
+
 @pytest.mark.parametrize("normalize, with_segments", [(True, True), (False, False)])
 def test_fused_terms_match_chunk_terms_in_float32(normalize, with_segments):
     inputs = make_inputs(0)
@@ -62,12 +72,8 @@ def test_fused_terms_match_chunk_terms_in_float32(normalize, with_segments):
         q, k = inputs[0], inputs[1]
         inputs = (q / jnp.linalg.norm(q, axis=-1, keepdims=True) * D**-0.5,
                   k / jnp.linalg.norm(k, axis=-1, keepdims=True), *inputs[2:])
-    expected_shapes = jax.eval_shape(lambda: chunk_terms(*inputs, SEGMENTS, C))
-    rng = np.random.default_rng(1)
-    cotangents = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in expected_shapes]
-    options = dict(normalize=normalize, with_segments=with_segments)
-    expected_values, expected_grads = terms_and_grads(inputs, cotangents, fused=False, **options)
-    values, grads = terms_and_grads(inputs, cotangents, fused=True, **options)
+    (values, grads), (expected_values, expected_grads) = fused_and_reference(
+        inputs, inputs, 1, normalize=normalize, with_segments=with_segments)
     for name, value, expected in zip(expected_values._fields, values, expected_values):
         assert value.shape == expected.shape and value.dtype == jnp.float32, name
         assert relative_error(value, expected) < 1e-5, name
@@ -78,13 +84,8 @@ def test_fused_terms_match_chunk_terms_in_float32(normalize, with_segments):
 def test_fused_terms_in_bf16_stay_within_bf16_error():
     """bf16 q, k, v: bf16 terms and q, k, v gradients, against the float32 op on the same (rounded) inputs."""
     inputs = make_inputs(2, jnp.bfloat16)
-    as_f32 = tuple(x.astype(jnp.float32) for x in inputs)
-    expected_shapes = jax.eval_shape(lambda: chunk_terms(*as_f32, SEGMENTS, C))
-    rng = np.random.default_rng(3)
-    cotangents = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in expected_shapes]
-    options = dict(normalize=True, with_segments=True)
-    expected_values, expected_grads = terms_and_grads(as_f32, cotangents, fused=False, **options)
-    values, grads = terms_and_grads(inputs, cotangents, fused=True, **options)
+    (values, grads), (expected_values, expected_grads) = fused_and_reference(
+        inputs, tuple(x.astype(jnp.float32) for x in inputs), 3, normalize=True, with_segments=True)
     for name, value, expected in zip(expected_values._fields, values, expected_values):
         assert value.dtype == (jnp.float32 if name == "state_decay" else jnp.bfloat16), name
         assert relative_error(value, expected) < 1e-2, name
