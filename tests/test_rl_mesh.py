@@ -1,5 +1,6 @@
 """RL on a mesh: one RL step with the sampler and learner sharded over 8 devices (data x fsdp x
-tensor) gives the one-device step's episodes, losses and params, and the state stays sharded."""
+tensor; for a MoE policy data x expert x tensor, routing replayed) gives the one-device step's
+episodes, losses and params, and the state stays sharded."""
 
 import jax
 import numpy as np
@@ -17,8 +18,10 @@ from qwen_jax.rl.learner import make_learner
 from qwen_jax.rl.loop import RLConfig, rollout_step
 from qwen_jax.train.step import new_state, state_shardings_for
 
-CONFIG = preset("tiny", vocab_size=300, num_hidden_layers=2,
-                layer_types=(LINEAR_ATTENTION, FULL_ATTENTION))
+LAYERS = dict(vocab_size=300, num_hidden_layers=2, layer_types=(LINEAR_ATTENTION, FULL_ATTENTION))
+# Each policy with its mesh and the mesh axes its weights are split over.
+CASES = {"dense": (preset("tiny", **LAYERS), {"data": 2, "fsdp": 2, "tensor": 2}, ("fsdp", "tensor")),
+         "moe": (preset("tiny-moe", **LAYERS), {"data": 2, "expert": 2, "tensor": 2}, ("expert", "tensor"))}
 # 16 episodes, two minibatches of 8 rows: each divides over data x fsdp = 4.
 RL = RLConfig(groups=2, group_size=8, max_new_tokens=6, max_length=24, minibatches=2,
               warmup_steps=0)
@@ -38,11 +41,9 @@ class LengthEnv:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tokenizer = load_or_train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json",
-                                        [f"say {i} now" for i in range(100)], 300)
-    graphdef, state = nnx.split(Qwen35ForCausalLM(CONFIG, rngs=nnx.Rngs(0)))
-    return graphdef, nnx.to_pure_dict(state), tokenizer
+def tokenizer(tmp_path_factory):
+    return load_or_train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json",
+                                   [f"say {i} now" for i in range(100)], 300)
 
 
 def step_on(mesh, graphdef, params, tokenizer):
@@ -56,10 +57,13 @@ def step_on(mesh, graphdef, params, tokenizer):
 
 
 @pytest.mark.slow
-def test_rl_step_on_a_mesh_equals_one_device(setup):
-    graphdef, params, tokenizer = setup
-    single, single_row = step_on(make_mesh({"data": 1}, jax.devices()[:1]), *setup)
-    sharded, sharded_row = step_on(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), *setup)
+@pytest.mark.parametrize("case", CASES)
+def test_rl_step_on_a_mesh_equals_one_device(tokenizer, case):
+    config, mesh_sizes, split_over = CASES[case]
+    graphdef, state = nnx.split(Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    single, single_row = step_on(make_mesh({"data": 1}, jax.devices()[:1]), graphdef, params, tokenizer)
+    sharded, sharded_row = step_on(make_mesh(mesh_sizes), graphdef, params, tokenizer)
 
     # The same episodes were sampled and rewarded, and both learners moved the params.
     for key in ("rewards/mean", "rewards/std", "response_length/mean"):
@@ -75,9 +79,9 @@ def test_rl_step_on_a_mesh_equals_one_device(setup):
         moved |= bool(np.any(np.asarray(want) != np.asarray(start)))
     assert moved
 
-    # The sharded state really is split: weights over fsdp and over tensor, 8 shards each.
+    # The sharded state really is split over both of the case's weight axes.
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded["params"])]
-    assert any("fsdp" in spec and "tensor" in spec for spec in specs)
+    assert any(all(axis in spec for axis in split_over) for spec in specs)
     for got, param in zip(jax.tree.leaves(sharded["opt_state"]),
                           jax.tree.leaves(sharded["params"])):  # momentum follows its param
         assert got.sharding == param.sharding
