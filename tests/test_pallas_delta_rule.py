@@ -3,7 +3,8 @@ for the Triton (GPU) and the Mosaic (TPU) kernels.
 
 Production tiling: dk = dv = 128, chunks of 64, value blocks of 64 on GPU (two per head) and 128 on TPU,
 several chunks per row, packed segments (one cut on a chunk edge, a reused id, padding) and an initial
-state. The TPU kernels also compile for a real TPU (XLA:TPU through libtpu, on this CPU host).
+state. The TPU kernels also compile for a real TPU (XLA:TPU through libtpu, on this CPU host). On a
+4-device mesh the layer runs the kernels inside shard_map and matches the pure-JAX layer on one device.
 """
 
 import contextlib
