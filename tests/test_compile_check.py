@@ -9,15 +9,16 @@ from qwen_jax.train.compile_check import tpu_topology
 
 @pytest.mark.slow
 def test_compile_tiny_with_pallas_kernels_for_a_v5p_topology(capsys):
-    """gdn_impl pallas takes the Mosaic kernels (the target's, not this CPU host's), each chip running
-    its own rows inside shard_map."""
+    """gdn_impl pallas takes the Mosaic kernels, chunk terms and recurrence (the target's, not this CPU
+    host's), each chip running its own rows inside shard_map."""
     main(["compile", "--config=configs/pretrain_tiny.py", "--topology=v5p:2x2x1",
           "--config.train.batch_size=4", "--config.train.seq_len=128", "--config.model.gdn_impl=pallas"])
     out = capsys.readouterr().out
     assert "topology v5p:2x2x1: 4 chips" in out
     assert "| HBM of the chip | 88.48 |" in out
     assert "fits:" in out
-    assert "Pallas kernels: gdr_chunk_backward_tpu, gdr_chunk_forward_tpu" in out
+    assert ("Pallas kernels: gdr_chunk_backward_tpu, gdr_chunk_forward_tpu, gdr_chunk_terms_backward_tpu, "
+            "gdr_chunk_terms_tpu") in out
 
 
 def test_unknown_topology_is_a_clear_error():

@@ -1,5 +1,6 @@
-"""The fused chunk-terms kernel (interpret mode on CPU) == ops.delta_rule.chunk_terms, values and
-gradients; and every GPU kernel lowers to Triton for CUDA (on this CPU host).
+"""The fused chunk-terms kernel (interpret mode on CPU, in the Triton and the Mosaic layouts) ==
+ops.delta_rule.chunk_terms, values and gradients; and every GPU kernel lowers to Triton for CUDA (on this
+CPU host). The TPU kernels' compile for v5p is in test_pallas_delta_rule.py.
 
 Production tiling: dk = dv = 128, chunks of 64, one grid step per chunk (four along each row), packed
 segments with a reused id and padding, raw q and k normalised in the kernel.
@@ -38,12 +39,12 @@ def relative_error(actual, expected):
     return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
 
 
-@functools.partial(jax.jit, static_argnames=("fused", "normalize", "with_segments"))
-def terms_and_grads(inputs, cotangents, *, fused, normalize, with_segments):
+@functools.partial(jax.jit, static_argnames=("fused", "normalize", "with_segments", "platform"))
+def terms_and_grads(inputs, cotangents, *, fused, normalize, with_segments, platform="gpu"):
     """The six terms, and the gradients of sum(terms * cotangents) wrt q, k, v, g, beta."""
     ids = SEGMENTS if with_segments else None
     if fused:
-        terms = functools.partial(fused_chunk_terms, normalize=normalize, interpret=True)
+        terms = functools.partial(fused_chunk_terms, normalize=normalize, platform=platform, interpret=True)
     else:
         terms = functools.partial(chunk_terms, normalize_qk=normalize)
 
@@ -55,25 +56,26 @@ def terms_and_grads(inputs, cotangents, *, fused, normalize, with_segments):
     return values, grads
 
 
-def fused_and_reference(inputs, reference_inputs, seed, **options):
+def fused_and_reference(inputs, reference_inputs, seed, platform="gpu", **options):
     """(values, grads) of the fused kernel on `inputs` and of chunk_terms on `reference_inputs`, both
     against one set of random cotangents."""
     shapes = jax.eval_shape(lambda: chunk_terms(*reference_inputs, SEGMENTS, C))
     rng = np.random.default_rng(seed)
     cotangents = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in shapes]
-    return (terms_and_grads(inputs, cotangents, fused=True, **options),
+    return (terms_and_grads(inputs, cotangents, fused=True, platform=platform, **options),
             terms_and_grads(reference_inputs, cotangents, fused=False, **options))
 
 
-@pytest.mark.parametrize("normalize, with_segments", [(True, True), (False, False)])
-def test_fused_terms_match_chunk_terms_in_float32(normalize, with_segments):
+@pytest.mark.parametrize("normalize, with_segments, platform",
+                         [(True, True, "gpu"), (False, False, "gpu"), (True, True, "tpu")])
+def test_fused_terms_match_chunk_terms_in_float32(normalize, with_segments, platform):
     inputs = make_inputs(0)
     if not normalize:  # the pure rule's inputs: unit k, q scaled
         q, k = inputs[0], inputs[1]
         inputs = (q / jnp.linalg.norm(q, axis=-1, keepdims=True) * D**-0.5,
                   k / jnp.linalg.norm(k, axis=-1, keepdims=True), *inputs[2:])
     (values, grads), (expected_values, expected_grads) = fused_and_reference(
-        inputs, inputs, 1, normalize=normalize, with_segments=with_segments)
+        inputs, inputs, 1, platform, normalize=normalize, with_segments=with_segments)
     for name, value, expected in zip(expected_values._fields, values, expected_values):
         assert value.shape == expected.shape and value.dtype == jnp.float32, name
         assert relative_error(value, expected) < 1e-5, name

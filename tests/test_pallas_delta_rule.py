@@ -116,8 +116,9 @@ def test_tpu_kernel_sums_the_partial_gradients_of_two_value_blocks():
 
 
 def test_tpu_kernels_compile_for_a_v5p_chip():
-    """XLA:TPU (libtpu, on this CPU host) compiles the bf16 forward and backward kernels: Mosaic takes
-    their block shapes, the SMEM decays and the transposed-operand matmuls."""
+    """XLA:TPU (libtpu, on this CPU host) compiles the bf16 forward and backward kernels, the chunk terms'
+    and the recurrence's: Mosaic takes their block shapes, the SMEM decays, the [C, 1] and [1, C] scalar
+    blocks and the transposed-operand matmuls."""
     device = tpu_topology("v5p:2x2x1").devices[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     shapes = [jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16, sharding=sharding)] * 3 + \
@@ -128,7 +129,9 @@ def test_tpu_kernels_compile_for_a_v5p_chip():
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
 
     compiled = jax.jit(jax.grad(loss, argnums=range(5))).lower(*shapes).compile().as_text()
-    assert "gdr_chunk_forward_tpu" in compiled and "gdr_chunk_backward_tpu" in compiled
+    for kernel in ("gdr_chunk_terms_tpu", "gdr_chunk_terms_backward_tpu", "gdr_chunk_forward_tpu",
+                   "gdr_chunk_backward_tpu"):
+        assert kernel in compiled, kernel
 
 
 def test_kernel_shape_limits_are_named():

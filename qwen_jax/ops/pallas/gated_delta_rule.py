@@ -1,8 +1,7 @@
 """The chunked gated delta rule in Pallas kernels: Triton on GPU, Mosaic on TPU, interpreted elsewhere.
 
-Two kernels on GPU: one computes the chunk-local terms chunk-parallel (ops/pallas/chunk_terms.py, with the
-l2norm and scale of q and k inside), one walks the chunk-to-chunk recurrence. On TPU, XLA computes the terms
-and the Mosaic kernel runs the recurrence. Same interface and results as
+Two kernels on each: one computes the chunk-local terms chunk-parallel (ops/pallas/chunk_terms.py, with the
+l2norm and scale of q and k inside), one walks the chunk-to-chunk recurrence. Same interface and results as
 ops.delta_rule.chunked_gated_delta_rule, which stays the oracle. `platform` picks the kernels ("gpu" or
 "tpu"; default: the target's, the GPU ones off TPU); they are compiled only on their own platform.
 """
@@ -12,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, chunk_terms, normalized_qk, start_state
+from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, start_state
 from qwen_jax.ops.pallas import chunk_recurrence_tpu as tpu
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
 from qwen_jax.ops.pallas.chunk_terms import fused_chunk_terms
@@ -89,18 +88,13 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids
 
 def pallas_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False, scale=None,
                        interpret=None, platform=None) -> ChunkTerms:
-    """ops.delta_rule.chunk_terms for the platform's recurrence kernel: the fused Triton kernel on GPU; XLA
-    on TPU, with normalised q, k rounded back to their dtype (the kernel's bf16 operands)."""
+    """ops.delta_rule.chunk_terms through the platform's fused kernel (ops/pallas/chunk_terms.py)."""
     platform = kernel_platform(platform)
-    if platform == "gpu":
-        value_dim = v.shape[-1]
-        check_kernel_shapes(q.shape[-1], value_dim, chunk_size, default_block_v(value_dim, platform), platform)
-        interpret = target_platform() != "gpu" if interpret is None else interpret
-        return fused_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, normalize=normalize_qk, scale=scale,
-                                 interpret=interpret)
-    if normalize_qk:
-        q, k = (x.astype(raw.dtype) for x, raw in zip(normalized_qk(q, k, scale), (q, k)))
-    return chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+    value_dim = v.shape[-1]
+    check_kernel_shapes(q.shape[-1], value_dim, chunk_size, default_block_v(value_dim, platform), platform)
+    interpret = target_platform() != platform if interpret is None else interpret
+    return fused_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, normalize=normalize_qk, scale=scale,
+                             platform=platform, interpret=interpret)
 
 
 def pallas_rule_from_terms(terms: ChunkTerms, state0, *, operand, block_v=None, interpret=None,
