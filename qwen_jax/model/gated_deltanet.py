@@ -36,8 +36,8 @@ def causal_depthwise_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Arra
 def gdn_method(cfg: ModelConfig) -> str:
     """The gated delta rule's implementation for multi-token calls: cfg.gdn_impl with "auto" resolved.
 
-    "auto" takes the Pallas kernel on GPU when its tiling fits the head dims, else the pure-JAX chunked op
-    ("pallas" on TPU runs the Mosaic kernel; it has no TPU timings yet, so "auto" leaves TPUs on XLA).
+    "auto" takes the Pallas kernels on GPU when their tiling fits the head dims, else the pure-JAX chunked op
+    ("pallas" on TPU runs the Mosaic kernels; they have no TPU timings yet, so "auto" leaves TPUs on XLA).
     """
     if cfg.gdn_impl == "jax":
         return "chunked"
