@@ -210,12 +210,11 @@ def _specs(key_dim: int, value_dim: int, chunk: int, platform: str) -> _Specs:
                   [term(key_dim), term(chunk), term(value_dim), term(key_dim), term(key_dim)])
 
 
-def _launch(kernel, name, in_specs, out_specs, out_shape, options, grid, interpret, *args):
-    """pallas_call over grid (B, H, N) with the platform's compiler settings."""
+def _launch(kernel, name, warps, in_specs, out_specs, out_shape, options, grid, interpret, *args):
+    """pallas_call over grid (B, H, N) with the platform's compiler settings (warps: Triton's)."""
     if options.platform == "tpu":
         params, name = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3), name + "_tpu"
     else:
-        warps = BACKWARD_WARPS if "backward" in name else FORWARD_WARPS
         params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
     return pl.pallas_call(functools.partial(kernel, options=options), out_shape=out_shape, grid=grid,
                           in_specs=in_specs, out_specs=out_specs, interpret=interpret, name=name,
@@ -239,8 +238,8 @@ def _terms(q, k, v, scalars, runs, options, interpret):
                                               options.operand)
     key_dim = q.shape[-1]
     out_shape = [term(key_dim), term(options.chunk), term(v.shape[-1]), term(key_dim), term(key_dim)]
-    return _launch(_forward_kernel, "gdr_chunk_terms", specs.tensors + specs.scalars, specs.terms, out_shape,
-                   options, (batch, heads, num_chunks), interpret, q, k, v, *scalars, *runs)
+    return _launch(_forward_kernel, "gdr_chunk_terms", FORWARD_WARPS, specs.tensors + specs.scalars, specs.terms,
+                   out_shape, options, (batch, heads, num_chunks), interpret, q, k, v, *scalars, *runs)
 
 
 def _terms_fwd(q, k, v, scalars, runs, options, interpret):
@@ -252,7 +251,7 @@ def _terms_bwd(options, interpret, inputs, grads):
     specs = _specs(q.shape[-1], v.shape[-1], options.chunk, options.platform)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *scalars)]
     d_q, d_k, d_v, *d_scalars = _launch(
-        _backward_kernel, "gdr_chunk_terms_backward", specs.tensors + specs.scalars + specs.terms,
+        _backward_kernel, "gdr_chunk_terms_backward", BACKWARD_WARPS, specs.tensors + specs.scalars + specs.terms,
         specs.tensors + specs.scalar_grads, out_shape, options, _grid(q, options), interpret,
         q, k, v, *scalars, *runs, *grads)
     return d_q, d_k, d_v, tuple(d_scalars), None  # the run ids are integers
