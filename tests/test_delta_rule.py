@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_jax.ops.delta_rule import chunked_gated_delta_rule, gated_delta_rule, recurrent_gated_delta_rule
+from qwen_jax.ops.delta_rule import (chunked_gated_delta_rule, gated_delta_rule, matmul_operand,
+                                     recurrent_gated_delta_rule)
+from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
+from qwen_jax.train.compile_check import tpu_topology
 
 B, T, H, DK, DV = 2, 150, 3, 16, 24
 CHUNK = 32  # T = 150 spans four full chunks and a partial one
@@ -145,6 +148,76 @@ def test_output_dtype_follows_v_and_state_stays_float32():
     for rule in (chunked_gated_delta_rule, recurrent_gated_delta_rule):
         o, final_state = jax.eval_shape(rule, q, k, v.astype(jnp.bfloat16), g, beta, initial_state=state)
         assert o.dtype == jnp.bfloat16 and final_state.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("scan", ["sequential", "associative"])
+def test_bf16_operands_stay_within_budget_of_the_float32_oracle(scan):
+    inputs = make_inputs(9, seq_len=160)
+    segment_ids, _ = packed_segment_ids()
+    # bf16 q, k, v; the oracle takes the same rounded values as float32, so only the operand rounding differs.
+    rounded = [x.astype(jnp.bfloat16) for x in inputs[:3]]
+    rng = np.random.default_rng(10)
+    weights = rng.standard_normal(inputs[2].shape), rng.standard_normal(inputs[5].shape)
+
+    def run(operand, q, k, v):
+        rule = functools.partial(chunked_gated_delta_rule, chunk_size=CHUNK, scan=scan, operand=operand)
+        outputs = jax.jit(rule)(q, k, v, *inputs[3:5], initial_state=inputs[5], segment_ids=segment_ids)
+        grads = jax.jit(jax.grad(weighted_sum, argnums=range(1, 7)), static_argnums=0)(
+            rule, q, k, v, *inputs[3:], segment_ids, *weights)
+        return outputs, grads
+
+    (o, state), grads = run(jnp.bfloat16, *rounded)
+    (expected_o, expected_state), expected_grads = run(jnp.float32, *(x.astype(jnp.float32) for x in rounded))
+    assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    # bf16 operands with float32 accumulation, as fla's kernels: about 2^-8 relative (measured 1.5e-3 to 5e-3).
+    assert_close(o, expected_o, 2e-2)
+    assert_close(state, expected_state, 2e-2)
+    for name, grad, expected_grad in zip(["q", "k", "v", "g", "beta", "initial_state"], grads, expected_grads):
+        assert np.isfinite(np.asarray(grad, np.float32)).all(), name
+        assert_close(grad, expected_grad, 2e-2)
+
+
+def dot_operands(jaxpr):
+    """({operand dtypes}, [shapes]) of every dot_general in a jaxpr and the jaxprs inside it (scans,
+    custom VJPs, jits)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield {v.aval.dtype for v in eqn.invars}, [v.aval.shape for v in eqn.invars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from dot_operands(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from dot_operands(sub)
+
+
+@pytest.mark.parametrize("operand", [jnp.bfloat16, jnp.float32])
+def test_every_matmul_over_head_dims_takes_the_operand_dtype(operand):
+    # Head dims 40 and 24 differ from the chunk (32) and the triangular inverse's blocks (16): only the
+    # inverse, [C, C] and smaller, keeps float32 operands whatever the operand dtype.
+    rng = np.random.default_rng(11)
+    q, k = (jnp.asarray(rng.standard_normal((1, 64, 2, 40)), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((1, 64, 2, 24)), jnp.bfloat16)
+    g, beta = (jnp.asarray(rng.uniform(-1, 0, (1, 64, 2)), jnp.float32) for _ in range(2))
+
+    def loss(q, k, v, g, beta):
+        o, state = gated_delta_rule(q, k, v, g, beta, chunk_size=CHUNK, normalize_qk=True, operand=operand)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+    dots = list(dot_operands(jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(q, k, v, g, beta).jaxpr))
+    over_heads = [dtypes for dtypes, shapes in dots if {40, 24} & {size for shape in shapes for size in shape}]
+    assert len(over_heads) > 14  # the forward's 7 (4 of them in and after the scan) and the backward's
+    assert set().union(*over_heads) == {np.dtype(operand)}
+    assert set().union(*(dtypes for dtypes, _ in dots)) >= {np.dtype(jnp.float32)}  # the inverse stays float32
+
+
+def test_matmul_operand_is_bf16_for_bf16_inputs_on_accelerators_only():
+    x = jnp.zeros((1, 4, 1, 16), jnp.bfloat16)
+    assert matmul_operand(x, x, x) == jnp.float32  # on this CPU: XLA:CPU's bf16 dots are slower
+    tpu_mesh = jax.sharding.Mesh(np.array(tpu_topology("v5p:1x1x1").devices), ("data",))
+    with activation_sharding(tpu_mesh, DEFAULT_RULES):
+        assert matmul_operand(x, x, x) == jnp.bfloat16
+        assert matmul_operand(x, x, x.astype(jnp.float32)) == jnp.float32
 
 
 def test_bad_arguments_raise_value_error():

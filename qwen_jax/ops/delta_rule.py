@@ -6,8 +6,14 @@ The ops take q and k l2-normalised and q already scaled (the pure rule); the dis
 gated_delta_rule can do that first (normalize_qk). With segment_ids (documents packed in a row),
 S restarts from zero wherever the id changes. The chunk-local terms (chunk_terms) are shared with
 the Pallas kernel in ops/pallas/, for which the chunked op here is the oracle.
+
+Precision of the chunked form: its matmuls take `operand` inputs (float32 or bf16) and accumulate in
+float32; the state, the decays, the triangular inverse and every sum stay float32. float32 operands
+run at HIGHEST: the oracle. bf16 ones are what fla's kernels use, and by default what bf16 q, k, v
+get on GPU and TPU (see matmul_operand).
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -15,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qwen_jax.ops.triangular import unit_lower_inverse
+from qwen_jax.parallel.rules import target_platform
 
 # HIGHEST keeps float32 matmuls float32 on GPU/TPU (no TF32 / bf16 passes); one place to change it.
 PRECISION = lax.Precision.HIGHEST
@@ -23,9 +30,45 @@ SCANS = ("sequential", "associative")
 METHODS = ("chunked", "recurrent", "pallas")
 
 
-def _einsum(spec, *operands):
-    """jnp.einsum at the module's PRECISION."""
-    return jnp.einsum(spec, *operands, precision=PRECISION)
+def matmul_operand(q, k, v):
+    """The chunked form's default matmul operand dtype: bf16 when q, k and v all are and the program runs on
+    an accelerator (single-pass MXU / tensor-core matmuls, half the bytes), else float32: XLA:CPU converts
+    bf16 operands around its dots (fwd+bwd measured 2-20% slower there)."""
+    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    return jnp.bfloat16 if all_bf16 and target_platform() != "cpu" else jnp.float32
+
+
+def _einsum(spec, a, b, *, operand=jnp.float32):
+    """Two-operand jnp.einsum -> float32: float32 operands at PRECISION, else both rounded to `operand`."""
+    if operand == jnp.float32:
+        return jnp.einsum(spec, a.astype(operand), b.astype(operand), precision=PRECISION,
+                          preferred_element_type=jnp.float32)
+    return _rounded_einsum(spec, operand, a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _rounded_einsum(spec, operand, a, b):
+    """einsum of float32 a, b rounded to `operand`, accumulated in float32; its backward rounds the cotangent
+    too, so that both of its matmuls also take `operand` inputs (autodiff would pair it, float32, with them)."""
+    return _rounded_einsum_forward(spec, operand, a, b)[0]
+
+
+def _rounded_einsum_forward(spec, operand, a, b):
+    a, b = a.astype(operand), b.astype(operand)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32), (a, b)
+
+
+def _rounded_einsum_backward(spec, operand, residuals, grad):
+    # Valid for specs where every index of one operand is in the other or in the output (all of this module's).
+    a, b = residuals
+    inputs, out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
+    grad = grad.astype(operand)
+    return (jnp.einsum(f"{out},{spec_b}->{spec_a}", grad, b, preferred_element_type=jnp.float32),
+            jnp.einsum(f"{spec_a},{out}->{spec_b}", a, grad, preferred_element_type=jnp.float32))
+
+
+_rounded_einsum.defvjp(_rounded_einsum_forward, _rounded_einsum_backward)
 
 
 def _masked(x, mask):
@@ -125,7 +168,8 @@ def _chunk_masks(segment_ids, chunk_size, padding):
 
 
 class ChunkTerms(NamedTuple):
-    """The chunk-local terms of the WY form, float32, per [B, H, N] chunk of C tokens.
+    """The chunk-local terms of the WY form per [B, H, N] chunk of C tokens, in the matmul operand dtype
+    (state_decay float32).
 
     The whole rule is then, chunk by chunk with incoming state S [dk, dv]:
         V' = u - w S;   o = q_decayed S + qk_decayed V';   S <- state_decay S + k_to_end^T V'.
@@ -139,24 +183,28 @@ class ChunkTerms(NamedTuple):
     state_decay: jax.Array  # [B, H, N]: how much of the incoming state the chunk hands on
 
 
-def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False, scale=None) -> ChunkTerms:
+def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False, scale=None,
+                operand=None) -> ChunkTerms:
     """q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H], ids [B,T] | None -> ChunkTerms (T padded to N*C).
 
-    normalize_qk: take raw q, k and l2-normalise them first (see normalized_qk).
+    normalize_qk: take raw q, k and l2-normalise them first (see normalized_qk). operand: the matmul
+    operand dtype (default: matmul_operand of q, k, v).
     """
+    operand = matmul_operand(q, k, v) if operand is None else operand
     if normalize_qk:
         q, k = normalized_qk(q, k, scale)
     batch, seq_len, heads, _ = q.shape
     num_chunks = -(-seq_len // chunk_size)
     padding = num_chunks * chunk_size - seq_len
 
-    def to_chunks(x):
-        """[B, T, H, ...] -> float32 [B, H, N, C, ...], zero-padded (beta = 0 keeps padding out of the state)."""
-        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
+    def to_chunks(x, dtype=jnp.float32):
+        """[B, T, H, ...] -> [B, H, N, C, ...] in dtype, zero-padded (beta = 0 keeps padding out of the state)."""
+        x = jnp.pad(x.astype(dtype), [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
         x = x.reshape(batch, num_chunks, chunk_size, heads, *x.shape[3:])
         return jnp.moveaxis(x, 3, 1)
 
-    q_c, k_c, v_c, g_c, beta_c = map(to_chunks, (q, k, v, g, beta))
+    q_c, k_c, v_c = (to_chunks(x, operand) for x in (q, k, v))
+    g_c, beta_c = to_chunks(g), to_chunks(beta)
     if segment_ids is None:
         same, carried, in_last = None, None, None
     else:
@@ -171,20 +219,20 @@ def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False
 
     # (I + A) [U | W] = [diag(beta) V | diag(beta exp(G)) K], exp(G) only where the incoming state reaches;
     # A is strictly lower triangular.
-    a = jnp.tril(beta_c[..., :, None] * _einsum("bhnrk,bhnsk->bhnrs", k_c, k_c) * gamma, -1)
+    a = jnp.tril(beta_c[..., :, None] * _einsum("bhnrk,bhnsk->bhnrs", k_c, k_c, operand=operand) * gamma, -1)
     rhs = jnp.concatenate([beta_c[..., None] * v_c, (beta_c * carried_decay)[..., None] * k_c], axis=-1)
-    solved = _einsum("bhnrs,bhnsd->bhnrd", unit_lower_inverse(a), rhs)
+    solved = _einsum("bhnrs,bhnsd->bhnrd", unit_lower_inverse(a), rhs, operand=operand)
     value_dim = v.shape[-1]
 
     # What a chunk hands on: exp(G_C) S (if its last token is in the carried segment) plus the writes of its
     # last segment's tokens, decayed to the chunk's end.
     decay_to_end = _masked_exp(log_decay[..., -1:] - log_decay, in_last)
     return ChunkTerms(
-        q_decayed=carried_decay[..., None] * q_c,
-        qk_decayed=_einsum("bhnrk,bhnsk->bhnrs", q_c, k_c) * gamma,
-        u=solved[..., :value_dim],
-        w=solved[..., value_dim:],
-        k_to_end=decay_to_end[..., None] * k_c,
+        q_decayed=(carried_decay[..., None] * q_c).astype(operand),
+        qk_decayed=(_einsum("bhnrk,bhnsk->bhnrs", q_c, k_c, operand=operand) * gamma).astype(operand),
+        u=solved[..., :value_dim].astype(operand),
+        w=solved[..., value_dim:].astype(operand),
+        k_to_end=(decay_to_end[..., None] * k_c).astype(operand),
         state_decay=carried_decay[..., -1],
     )
 
@@ -201,18 +249,25 @@ def _batch_major(x):
 
 def _outputs(terms: ChunkTerms, incoming, new_values):
     """All chunks at once, given their incoming states and V': o = q_decayed S + qk_decayed V' [B,H,N,C,dv]."""
-    o = _einsum("bhnck,bhnkv->bhncv", terms.q_decayed, incoming)
-    return o + _einsum("bhnrs,bhnsv->bhnrv", terms.qk_decayed, new_values)
+    operand = terms.u.dtype
+    o = _einsum("bhnck,bhnkv->bhncv", terms.q_decayed, incoming, operand=operand)
+    return o + _einsum("bhnrs,bhnsv->bhnrv", terms.qk_decayed, new_values, operand=operand)
 
 
 def _sequential_forward(terms: ChunkTerms, state0):
-    """lax.scan over chunks of only the state's own work -> (o, final), (incoming states, V') [B,H,N,...]."""
+    """lax.scan over chunks of only the state's own work -> (o, final), (incoming states, V') [B,H,N,...].
+
+    The state carried from chunk to chunk stays float32; the residuals are kept as the matmuls read them,
+    in the terms' operand dtype.
+    """
+    operand = terms.u.dtype
 
     def step(state, chunk):
         u_c, w_c, k_to_end_c, decay_c = chunk
-        new_values = u_c - _einsum("bhck,bhkv->bhcv", w_c, state)
-        next_state = decay_c[..., None, None] * state + _einsum("bhck,bhcv->bhkv", k_to_end_c, new_values)
-        return next_state, (state, new_values)
+        new_values = u_c - _einsum("bhck,bhkv->bhcv", w_c, state, operand=operand)
+        next_state = decay_c[..., None, None] * state + _einsum("bhck,bhcv->bhkv", k_to_end_c, new_values,
+                                                                operand=operand)
+        return next_state, (state.astype(operand), new_values.astype(operand))
 
     chunks = tuple(map(_chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
     final_state, (incoming, new_values) = lax.scan(step, state0, chunks)
@@ -224,27 +279,28 @@ def _sequential_backward(residuals, grads):
     """The reverse scan carries only the state's gradient; every other gradient is chunk-parallel."""
     terms, incoming, new_values = residuals
     d_out, d_final = grads
+    operand = terms.u.dtype
     # What the chunk's outputs send back: to V' (qk^T dO) and to its incoming state (q_decayed^T dO).
-    to_new_values = _einsum("bhnrs,bhnrv->bhnsv", terms.qk_decayed, d_out)
-    to_state = _einsum("bhnck,bhncv->bhnkv", terms.q_decayed, d_out)
+    to_new_values = _einsum("bhnrs,bhnrv->bhnsv", terms.qk_decayed, d_out, operand=operand)
+    to_state = _einsum("bhnck,bhncv->bhnkv", terms.q_decayed, d_out, operand=operand)
 
     def step(d_state, chunk):  # d_state: the gradient of the state leaving this chunk
         to_new_values_c, to_state_c, w_c, k_to_end_c, decay_c = chunk
-        d_new_values = to_new_values_c + _einsum("bhck,bhkv->bhcv", k_to_end_c, d_state)
+        d_new_values = to_new_values_c + _einsum("bhck,bhkv->bhcv", k_to_end_c, d_state, operand=operand)
         d_incoming = (decay_c[..., None, None] * d_state + to_state_c
-                      - _einsum("bhck,bhcv->bhkv", w_c, d_new_values))
-        return d_incoming, (d_new_values, d_state)
+                      - _einsum("bhck,bhcv->bhkv", w_c, d_new_values, operand=operand))
+        return d_incoming, (d_new_values.astype(operand), d_state.astype(operand))
 
     chunks = tuple(map(_chunk_major, (to_new_values, to_state, terms.w, terms.k_to_end, terms.state_decay)))
     d_state0, (d_new_values, d_leaving) = lax.scan(step, d_final, chunks, reverse=True)
     d_new_values, d_leaving = _batch_major(d_new_values), _batch_major(d_leaving)
     d_terms = ChunkTerms(
-        q_decayed=_einsum("bhncv,bhnkv->bhnck", d_out, incoming),
-        qk_decayed=_einsum("bhnrv,bhnsv->bhnrs", d_out, new_values),
+        q_decayed=_einsum("bhncv,bhnkv->bhnck", d_out, incoming, operand=operand),
+        qk_decayed=_einsum("bhnrv,bhnsv->bhnrs", d_out, new_values, operand=operand),
         u=d_new_values,
-        w=-_einsum("bhncv,bhnkv->bhnck", d_new_values, incoming),
-        k_to_end=_einsum("bhncv,bhnkv->bhnck", new_values, d_leaving),
-        state_decay=jnp.sum(incoming * d_leaving, axis=(-2, -1)),
+        w=-_einsum("bhncv,bhnkv->bhnck", d_new_values, incoming, operand=operand),
+        k_to_end=_einsum("bhncv,bhnkv->bhnck", new_values, d_leaving, operand=operand),
+        state_decay=_einsum("bhnkv,bhnkv->bhn", incoming, d_leaving, operand=operand),
     )
     return jax.tree.map(lambda d, x: d.astype(x.dtype), d_terms, terms), d_state0
 
@@ -313,18 +369,22 @@ def rule_from_terms(terms: ChunkTerms, state0, scan="sequential"):
         incoming, final_state = _incoming_states_associative(
             state0, *map(_chunk_major, (terms.u, terms.w, terms.k_to_end, terms.state_decay)))
         incoming = _batch_major(incoming)
-        o = _outputs(terms, incoming, terms.u - _einsum("bhnck,bhnkv->bhncv", terms.w, incoming))
+        o = _outputs(terms, incoming, terms.u - _einsum("bhnck,bhnkv->bhncv", terms.w, incoming,
+                                                        operand=terms.u.dtype))
     batch, heads, _, _, value_dim = o.shape
     return jnp.moveaxis(o.reshape(batch, heads, -1, value_dim), 1, 2), final_state
 
 
 def chunked_gated_delta_rule(
-    q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64, scan="sequential"
+    q, k, v, g, beta, *, initial_state=None, segment_ids=None, chunk_size=64, scan="sequential", operand=None
 ):
-    """Chunked WY form: q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv], state [B,H,dk,dv]."""
+    """Chunked WY form: q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv], state [B,H,dk,dv].
+
+    operand: the matmul operand dtype (default: matmul_operand of q, k, v).
+    """
     check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     _check_chunking(scan, chunk_size)
-    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size)
+    terms = chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, operand=operand)
     o, final_state = rule_from_terms(terms, start_state(initial_state, q, v), scan)
     return o[:, :q.shape[1]].astype(v.dtype), final_state
 
@@ -355,12 +415,14 @@ def gated_delta_rule(
     scan="sequential",
     normalize_qk=False,
     scale=None,
+    operand=None,
 ):
     """Dispatch to the chunked, recurrent or Pallas form -> o [B,T,H,dv] (v's dtype), state [B,H,dk,dv].
 
     normalize_qk: l2-normalise q and k first (in float32; XLA fuses it into the chunk terms, the Pallas
     kernel does it in registers) and scale q by `scale` (default dk^-0.5), so that callers can hand over
-    the raw bf16 projections.
+    the raw bf16 projections. operand: the chunked form's matmul operand dtype (default: matmul_operand
+    of the raw q, k, v); the Pallas kernels take bf16 operands whenever q, k and v are bf16.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
@@ -370,8 +432,9 @@ def gated_delta_rule(
 
         return pallas_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, normalize_qk=normalize_qk,
                                        scale=scale, **kwargs)
+    operand = matmul_operand(q, k, v) if operand is None else operand
     if normalize_qk:
         q, k = normalized_qk(q, k, scale)
     if method == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
-    return chunked_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, **kwargs)
+    return chunked_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, scan=scan, operand=operand, **kwargs)

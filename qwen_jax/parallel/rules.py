@@ -118,6 +118,13 @@ def active_mesh() -> Mesh | None:
     return None if active is None else active[0]
 
 
+def target_platform() -> str:
+    """Where the program being traced runs: the active mesh's devices (a TPU topology that `qwen-jax compile`
+    compiles for on a CPU host), else this backend."""
+    mesh = active_mesh()
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def active_rules():
     """The rules of the enclosing activation_sharding block, or None outside one."""
     active = getattr(_ACTIVE, "value", None)

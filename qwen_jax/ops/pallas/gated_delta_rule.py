@@ -8,14 +8,13 @@ ops.delta_rule.chunked_gated_delta_rule, which stays the oracle. `platform` pick
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, start_state
 from qwen_jax.ops.pallas import chunk_recurrence_tpu as tpu
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
 from qwen_jax.ops.pallas.chunk_terms import fused_chunk_terms
-from qwen_jax.parallel.rules import active_mesh
+from qwen_jax.parallel.rules import target_platform
 
 PLATFORMS = ("gpu", "tpu")
 
@@ -23,13 +22,6 @@ PLATFORMS = ("gpu", "tpu")
 def _tileable(n: int) -> bool:
     """A power of two of at least 16: what Triton's loads and dots take."""
     return n >= 16 and n & (n - 1) == 0
-
-
-def target_platform() -> str:
-    """Where the program being traced runs: the active mesh's devices (a TPU topology that `qwen-jax compile`
-    compiles for on a CPU host), else this backend."""
-    mesh = active_mesh()
-    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
 
 def kernel_platform(platform: str | None = None) -> str:
