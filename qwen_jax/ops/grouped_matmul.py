@@ -4,8 +4,8 @@ Two dispatches give the same numbers (tests/test_moe.py):
 - "ragged": one `jax.lax.ragged_dot` per projection. Simple, exact, the oracle; but XLA lowers it
   slowly on GPU (~10 TFLOP/s on an H100 vs ~500 for a batched matmul, research/perf-anchors 7.1).
 - "padded": every expert gets a buffer of `capacity` rows and the projections run as one batched
-  matmul over [E, capacity, H]. Rows past an expert's capacity are not dropped: a ragged pass over
-  just those rows runs under `lax.cond`, so it costs nothing when no expert overflows.
+  matmul over [E, capacity, H]. Rows past an expert's capacity are not dropped: a block-by-block pass
+  over just those rows runs under `lax.cond`, so it costs nothing when no expert overflows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import MOE_DISPATCHES
-from qwen_jax.parallel.rules import active_mesh
+from qwen_jax.parallel.rules import target_platform
 
 def cond_or_select(pred: jax.Array, true_fn, false_fn, *operands):
     """`lax.cond` on accelerators; on CPU both branches run and the result is selected.
@@ -26,9 +26,7 @@ def cond_or_select(pred: jax.Array, true_fn, false_fn, *operands):
     meshes take the select; GPUs and TPUs skip the untaken branch's work. The platform is the
     active mesh's (a TPU compile check traces on a CPU host), else the default backend.
     """
-    mesh = active_mesh()
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    if platform != "cpu":
+    if target_platform() != "cpu":
         return jax.lax.cond(pred, true_fn, false_fn, *operands)
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(*operands), false_fn(*operands))
 
@@ -113,16 +111,68 @@ def _blocked_swiglu(rows, sorted_experts, take, gate_up, down):
     packed = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype).at[position].set(rows, mode="drop")
     block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks), jnp.arange(num_blocks), side="right"),
                                num_experts - 1)
+    # Inside shard_map the weights may vary over fewer mesh axes than the rows (data x expert); a zero of
+    # the rows' type makes them vary alike, so the custom VJP's types match and autodiff sums their
+    # gradient over the other axes.
+    gate_up, down = (w + jnp.zeros_like(packed.ravel()[0], w.dtype) for w in (gate_up, down))
+    out = _swiglu_per_block(packed.reshape(num_blocks, block, -1), block_expert, jnp.sum(blocks), gate_up, down)
+    return out.reshape(num_blocks * block, -1).at[position].get(mode="fill", fill_value=0)
 
-    used_blocks = jnp.sum(blocks)
 
+def _expert_swiglu(x, gate_up_e, down_e):
+    """One block of rows [b, H] through one expert's weights [H, 2I], [I, H] -> [b, H]."""
+    return _swiglu(x @ gate_up_e) @ down_e
+
+
+@jax.custom_vjp
+def _swiglu_per_block(blocks, block_expert, used_blocks, gate_up, down):
+    """blocks [N, b, H], each through its expert (block_expert int [N]) -> [N, b, H]; blocks from
+    `used_blocks` on hold no rows and come out 0. On accelerators they cost a skipped branch, so the
+    pass scales with the overflow, not with the static bound N."""
     def one_block(_, inputs):
         x, e, index = inputs
-        # Blocks past the used ones hold no rows: on accelerators they cost a skipped branch, so
-        # the pass scales with the overflow, not with the static bound.
-        return None, cond_or_select(index < used_blocks, lambda x: _swiglu(x @ gate_up[e]) @ down[e],
+        return None, cond_or_select(index < used_blocks, lambda x: _expert_swiglu(x, gate_up[e], down[e]),
                                     jnp.zeros_like, x)
 
-    _, out = jax.lax.scan(one_block, None, (packed.reshape(num_blocks, block, -1), block_expert,
-                                            jnp.arange(num_blocks)))
-    return out.reshape(num_blocks * block, -1).at[position].get(mode="fill", fill_value=0)
+    return jax.lax.scan(one_block, None, (blocks, block_expert, jnp.arange(blocks.shape[0])))[1]
+
+
+def _swiglu_per_block_forward(blocks, block_expert, used_blocks, gate_up, down):
+    return _swiglu_per_block(blocks, block_expert, used_blocks, gate_up, down), (
+        blocks, block_expert, used_blocks, gate_up, down)
+
+
+def _swiglu_per_block_backward(residuals, d_out):
+    # A scan of its own, recomputing each block: autodiff would keep every block's slices of the
+    # expert weights (N x both matrices; under lax.cond on TPU even whole copies), which took the
+    # 35B-A3B on v5p-64 from 66 to 165 GiB of temporaries. The weight gradients accumulate in float32.
+    blocks, block_expert, used_blocks, gate_up, down = residuals
+
+    def one_block(grads, inputs):
+        x, e, index, d = inputs
+
+        def backward(grads):
+            _, vjp = jax.vjp(_expert_swiglu, x, gate_up[e], down[e])
+            d_x, d_gate_up, d_down = vjp(d)
+            return (grads[0].at[e].add(d_gate_up.astype(jnp.float32)),
+                    grads[1].at[e].add(d_down.astype(jnp.float32))), d_x
+
+        return cond_or_select(index < used_blocks, backward, lambda grads: (grads, jnp.zeros_like(x)), grads)
+
+    zeros = tuple(_varying_zeros(w.shape, *residuals, d_out) for w in (gate_up, down))
+    (d_gate_up, d_down), d_blocks = jax.lax.scan(
+        one_block, zeros, (blocks, block_expert, jnp.arange(blocks.shape[0]), d_out))
+    return d_blocks, None, None, d_gate_up.astype(gate_up.dtype), d_down.astype(down.dtype)
+
+
+_swiglu_per_block.defvjp(_swiglu_per_block_forward, _swiglu_per_block_backward)
+
+
+def _varying_zeros(shape, *like):
+    """float32 zeros of `shape` varying over every mesh axis one of `like` varies over: inside shard_map
+    (the expert-parallel FFN) a scan's carry must keep its type, and its updates vary over those axes.
+    Adding a zero derived from each input joins their axes, as any arithmetic on them does."""
+    zeros = jnp.zeros(shape, jnp.float32)
+    for x in like:
+        zeros = zeros + jnp.zeros_like(x.ravel()[0], jnp.float32)
+    return zeros
