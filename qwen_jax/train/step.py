@@ -67,7 +67,7 @@ class Trainer:
             if "length" in axes:
                 axis = axes.index("length")
                 shape[axis] = value.shape[axis]
-                value = value[(slice(None),) * axis + (self.host_layout.length,)]
+                value = self.host_layout.own_tokens(value, axis)
             arrays[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
         return arrays
 
