@@ -1,5 +1,5 @@
-"""Which part of each global batch this host loads: a block of rows, and a slice of each row's
-tokens when the context axis spans hosts.
+"""Which part of each global batch this host loads: its share of the rows, and of each row's tokens
+when the context axis spans hosts.
 
 The data iterators hand host k the k-th of `row_blocks` equal shares of rows. Hosts whose devices
 hold the same rows (the same data-parallel replica, its sequence split over context across hosts)
