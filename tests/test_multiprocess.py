@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -77,3 +78,44 @@ def test_two_hosts_splitting_the_sequence_match_one_device(single, tmp_path):
     tokens (the layout logic: tests/test_multihost_context.py)."""
     run_pair([*command(tmp_path), "--config.mesh.data=1", "--config.mesh.context=2"])
     assert_same_run(tmp_path, single)
+
+
+# Each of two processes holds 2 of the 4 devices, and the mesh interleaves them (p0, p1, p0, p1), as a
+# topology-aware mesh does on a multi-host TPU slice: every host's rows (fsdp) or tokens (context) are
+# scattered. Each host loads only its own share, and every device must then hold the right values.
+INTERLEAVED_HOSTS = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from qwen_jax.parallel.hosts import host_batch_layout
+    from qwen_jax.train.distributed import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    mine = jax.process_index()
+    local = {p: [d for d in jax.devices() if d.process_index == p] for p in (0, 1)}
+    devices = np.array([local[0][0], local[1][0], local[0][1], local[1][1]])
+    data = np.arange(4 * 64).reshape(4, 64)  # the whole dataset: 4 rows of 64 tokens
+
+    # Context: every host reads all rows and keeps its token spans (0-15 and 32-47 on host 0).
+    sharding = NamedSharding(Mesh(devices, ("context",)), P(None, "context"))
+    layout = host_batch_layout(sharding, 4, 64)
+    array = jax.make_array_from_process_local_data(sharding, layout.own_tokens(data, 1), (4, 64))
+    for shard in array.addressable_shards:  # tokens at their true positions
+        np.testing.assert_array_equal(np.asarray(shard.data), data[shard.index])
+
+    # Rows: host k reads share k (rows 2k, 2k+1 of the dataset); they land on the rows it holds, in order.
+    sharding = NamedSharding(Mesh(devices, ("fsdp",)), P("fsdp", None))
+    layout = host_batch_layout(sharding, 4, 64)
+    assert layout.row_blocks == 2
+    share = data[2 * layout.row_block : 2 * layout.row_block + 2]
+    array = jax.make_array_from_process_local_data(sharding, share, (4, 64))
+    held = sorted(sharding.devices_indices_map((4, 64))[d][0].start for d in devices.flat if d.process_index == mine)
+    assert held == [mine, mine + 2]  # scattered rows
+    for shard in array.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), share[[held.index(shard.index[0].start)]])
+""")
+
+
+@pytest.mark.slow
+def test_hosts_interleaved_on_the_mesh_feed_every_device_its_own_rows_and_tokens():
+    run_pair([sys.executable, "-c", INTERLEAVED_HOSTS],
+             env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
