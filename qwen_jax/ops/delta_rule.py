@@ -30,12 +30,16 @@ SCANS = ("sequential", "associative")
 METHODS = ("chunked", "recurrent", "pallas")
 
 
+def all_bf16(*arrays) -> bool:
+    """Whether every array is bf16 (q, k and v: the chunked forms' matmuls may then take bf16 operands)."""
+    return all(x.dtype == jnp.bfloat16 for x in arrays)
+
+
 def matmul_operand(q, k, v):
     """The chunked form's default matmul operand dtype: bf16 when q, k and v all are and the program runs on
     an accelerator (single-pass MXU / tensor-core matmuls, half the bytes), else float32: XLA:CPU converts
     bf16 operands around its dots (fwd+bwd measured 2-20% slower there)."""
-    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-    return jnp.bfloat16 if all_bf16 and target_platform() != "cpu" else jnp.float32
+    return jnp.bfloat16 if all_bf16(q, k, v) and target_platform() != "cpu" else jnp.float32
 
 
 def _einsum(spec, a, b, *, operand=jnp.float32):
@@ -76,7 +80,7 @@ def _masked(x, mask):
     return x if mask is None else jnp.where(mask, x, 0.0)
 
 
-def _masked_exp(x, mask):
+def masked_exp(x, mask):
     """exp(x) where mask holds, else 0, without ever evaluating exp where the mask is off (no inf, no NaN grads)."""
     if mask is None:
         return jnp.exp(x)
@@ -150,21 +154,24 @@ def segment_runs(segment_ids, batch, seq_len):
     return jnp.cumsum(_segment_starts(segment_ids), axis=1, dtype=jnp.int32)
 
 
-def _chunk_masks(segment_ids, chunk_size, padding):
-    """Segment masks per chunk, shaped to broadcast over heads: [B,1,N,C,C] same, [B,1,N,C] carried, in_last.
+def chunk_runs(segment_ids, batch, seq_len, chunk_size, padding):
+    """[B, T] ids | None -> per token of each [B, N, C] chunk: its run number, `carried` and `in_last`.
 
-    same[r, s]: r and s are in one segment. carried[r]: r is in the segment of the token just before the chunk
-    (for the first chunk: the first token's, which owns the initial state). in_last[s]: s is in the chunk's last
-    token's segment, so it writes into the outgoing state.
+    carried[r]: r is in the segment of the token just before the chunk (for the first chunk: the first
+    token's, which owns the initial state). in_last[s]: s is in the chunk's last token's segment, so it
+    writes into the outgoing state. Padded positions join the last segment and so never reset anything.
     """
-    batch = segment_ids.shape[0]
-    runs = segment_runs(segment_ids, *segment_ids.shape)
+    runs = segment_runs(segment_ids, batch, seq_len)
     run_before = jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1)[:, ::chunk_size]  # [B, N]
-    # Edge padding: padded positions join the last segment and so never reset anything.
-    runs = jnp.pad(runs, ((0, 0), (0, padding)), mode="edge").reshape(batch, 1, -1, chunk_size)
-    run_before = run_before[:, None, :, None]
-    same = runs[..., :, None] == runs[..., None, :]
-    return same, runs == run_before, runs == runs[..., -1:]
+    runs = jnp.pad(runs, ((0, 0), (0, padding)), mode="edge").reshape(batch, -1, chunk_size)
+    return runs, runs == run_before[..., None], runs == runs[..., -1:]
+
+
+def _chunk_masks(segment_ids, chunk_size, padding):
+    """Segment masks per chunk, shaped to broadcast over heads: [B,1,N,C,C] same (r and s in one segment),
+    [B,1,N,C] carried and in_last (see chunk_runs)."""
+    runs, carried, in_last = (x[:, None] for x in chunk_runs(segment_ids, *segment_ids.shape, chunk_size, padding))
+    return runs[..., :, None] == runs[..., None, :], carried, in_last
 
 
 class ChunkTerms(NamedTuple):
@@ -214,7 +221,7 @@ def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False
     log_decay = jnp.cumsum(g_c, axis=-1)  # [B, H, N, C]
     causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
     linked = causal if same is None else causal & same
-    gamma = _masked_exp(log_decay[..., :, None] - log_decay[..., None, :], linked)
+    gamma = masked_exp(log_decay[..., :, None] - log_decay[..., None, :], linked)
     carried_decay = _masked(jnp.exp(log_decay), carried)  # how much of the incoming state reaches r
 
     # (I + A) [U | W] = [diag(beta) V | diag(beta exp(G)) K], exp(G) only where the incoming state reaches;
@@ -226,7 +233,7 @@ def chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize_qk=False
 
     # What a chunk hands on: exp(G_C) S (if its last token is in the carried segment) plus the writes of its
     # last segment's tokens, decayed to the chunk's end.
-    decay_to_end = _masked_exp(log_decay[..., -1:] - log_decay, in_last)
+    decay_to_end = masked_exp(log_decay[..., -1:] - log_decay, in_last)
     return ChunkTerms(
         q_decayed=(carried_decay[..., None] * q_c).astype(operand),
         qk_decayed=(_einsum("bhnrk,bhnsk->bhnrs", q_c, k_c, operand=operand) * gamma).astype(operand),

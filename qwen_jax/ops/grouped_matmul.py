@@ -145,7 +145,7 @@ def _swiglu_per_block_forward(blocks, block_expert, used_blocks, gate_up, down):
 def _swiglu_per_block_backward(residuals, d_out):
     # A scan of its own, recomputing each block: autodiff would keep every block's slices of the
     # expert weights (N x both matrices; under lax.cond on TPU even whole copies), which took the
-    # 35B-A3B on v5p-64 from 66 to 165 GiB of temporaries. The weight gradients accumulate in float32.
+    # 35B-A3B on v5p-64 from 66 to 168 GiB of temporaries. The weight gradients accumulate in float32.
     blocks, block_expert, used_blocks, gate_up, down = residuals
 
     def one_block(grads, inputs):

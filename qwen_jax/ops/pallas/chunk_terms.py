@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from qwen_jax.ops.delta_rule import ChunkTerms, segment_runs
+from qwen_jax.ops.delta_rule import ChunkTerms, all_bf16, chunk_runs, masked_exp
 from qwen_jax.ops.pallas.chunk_recurrence import matmul_f32
 
 BLOCK = 16  # diagonal blocks of the triangular inverse, as ops.triangular.BLOCK
@@ -54,11 +54,6 @@ def _normalized(ref, options: Options, scale: float):
         raw = raw * factor * scale
     operand = raw.astype(options.operand)
     return operand.astype(jnp.float32), operand, factor
-
-
-def _masked_exp(x, mask):
-    """exp(x) where mask holds, else 0, never evaluating exp where it is off."""
-    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
 def _neumann_inverse(a, order: int, eye):
@@ -111,7 +106,7 @@ def _chunk(q_ref, k_ref, v_ref, decay_col_ref, decay_row_ref, beta_ref, carried_
     row = lax.broadcasted_iota(jnp.int32, (size, size), 0)
     col = lax.broadcasted_iota(jnp.int32, (size, size), 1)
     linked = (row >= col) & (runs_col_ref[...] == runs_row_ref[...])
-    gamma = _masked_exp(decay_col_ref[...] - decay_row_ref[...], linked)
+    gamma = masked_exp(decay_col_ref[...] - decay_row_ref[...], linked)
     strictly_lower = row > col
     kk = matmul_f32(k_operand, k_operand, trans_b=True)
     a = jnp.where(strictly_lower, beta * kk * gamma, 0.0)
@@ -271,28 +266,22 @@ def fused_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, *, normalize=Fa
     batch, seq_len, heads, key_dim = q.shape
     num_chunks = -(-seq_len // chunk_size)
     padding = num_chunks * chunk_size - seq_len
-    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     scale = key_dim**-0.5 if scale is None else float(scale)
-    options = Options(chunk_size, normalize, scale if normalize else 1.0, "bfloat16" if all_bf16 else "float32",
-                      platform)
+    options = Options(chunk_size, normalize, scale if normalize else 1.0,
+                      "bfloat16" if all_bf16(q, k, v) else "float32", platform)
 
     def pad(x):  # zeros: beta = 0 keeps padding out of the state
         return jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
 
-    # Segment masks from run numbers; edge padding: padded positions join the last run.
-    runs = segment_runs(segment_ids, batch, seq_len)
-    prev_runs = jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1)
-    runs, prev_runs = (jnp.pad(x, ((0, 0), (0, padding)), mode="edge").reshape(batch, num_chunks, chunk_size)
-                       for x in (runs, prev_runs))
-    carried = (runs == prev_runs[..., :1])[..., None]  # [B, N, C, 1]: in the run the incoming state belongs to
-    in_last = (runs == runs[..., -1:])[..., None]  # in the chunk's last run, so it writes the outgoing state
+    runs, carried, in_last = chunk_runs(segment_ids, batch, seq_len, chunk_size, padding)  # [B, N, C]
+    carried, in_last = carried[..., None], in_last[..., None]  # to broadcast over heads
 
     def per_chunk(x):  # [B, T, H] -> float32 [B, N, C, H]
         return pad(x.astype(jnp.float32)).reshape(batch, num_chunks, chunk_size, heads)
 
     log_decay = jnp.cumsum(per_chunk(g), axis=2)
-    carried_decay = _masked_exp(log_decay, carried)
-    decay_to_end = _masked_exp(log_decay[:, :, -1:] - log_decay, in_last)
+    carried_decay = masked_exp(log_decay, carried)
+    decay_to_end = masked_exp(log_decay[:, :, -1:] - log_decay, in_last)
 
     def column(x):  # [B, N, C, H] -> [B, H, T, 1]
         return jnp.moveaxis(x, 3, 1).reshape(batch, heads, -1, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from qwen_jax.ops.delta_rule import ChunkTerms, check_inputs, start_state
+from qwen_jax.ops.delta_rule import ChunkTerms, all_bf16, check_inputs, start_state
 from qwen_jax.ops.pallas import chunk_recurrence_tpu as tpu
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, chunk_recurrence
 from qwen_jax.ops.pallas.chunk_terms import fused_chunk_terms
@@ -69,8 +69,7 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids
     """
     check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     seq_len = q.shape[1]
-    all_bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-    operand = jnp.bfloat16 if all_bf16 else jnp.float32
+    operand = jnp.bfloat16 if all_bf16(q, k, v) else jnp.float32
     terms = pallas_chunk_terms(q, k, v, g, beta, segment_ids, chunk_size, normalize_qk=normalize_qk, scale=scale,
                                interpret=interpret, platform=platform)
     o, final = pallas_rule_from_terms(terms, start_state(initial_state, q, v), operand=operand, block_v=block_v,
