@@ -7,9 +7,8 @@ reads. XLA prepares the small per-token scalars (the cumulative log-decays, the 
 masks cut, beta) as [C, 1] columns and [1, C] rows, so the body is 2-D throughout, as Mosaic wants, and
 XLA's autodiff carries their gradients back to g. On GPU the kernel reads q, k, v in the layer's
 [B, T, H, d] layout (no transpose); Mosaic's tiling needs [B, H, T, d]. The triangular inverse (I + A)^-1
-uses matmuls only: a Neumann product on the 16 x 16 diagonal blocks (whose powers stay tame in float32),
-then a short second one for the blocks below them. The backward kernel recomputes everything from the
-same inputs, so no [C, C] residual is stored. q k^T and k k^T take the inputs' dtype as operands (bf16 on
+uses matmuls only (ops.triangular's doubling: each diagonal block's inverse from its halves'). The
+backward kernel recomputes everything from the same inputs, so no [C, C] residual is stored. q k^T and k k^T take the inputs' dtype as operands (bf16 on
 the fast path: exact products of the rounded q, k, as the pure-JAX op sees them); the inverse and the
 products with it are float32.
 """
@@ -28,8 +27,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from qwen_jax.ops.delta_rule import ChunkTerms, all_bf16, chunk_runs, masked_exp
 from qwen_jax.ops.pallas.chunk_recurrence import matmul_f32
+from qwen_jax.ops.triangular import doubling_inverse
 
-BLOCK = 16  # diagonal blocks of the triangular inverse, as ops.triangular.BLOCK
 EPS = 1e-6  # as ops.delta_rule.l2_normalise
 FORWARD_WARPS, BACKWARD_WARPS = 4, 8  # the backward holds about twice the live [C, C] and [C, d] tiles
 
@@ -54,27 +53,6 @@ def _normalized(ref, options: Options, scale: float):
         raw = raw * factor * scale
     operand = raw.astype(options.operand)
     return operand.astype(jnp.float32), operand, factor
-
-
-def _neumann_inverse(a, order: int, eye):
-    """(I + a)^-1 for a [n, n] with a^order = 0: (I - a)(I + a^2)(I + a^4)..., float32."""
-    power, inverse, reach = -a, eye - a, 2
-    while reach < order:
-        power = matmul_f32(power, power)
-        inverse = inverse + matmul_f32(inverse, power)
-        reach *= 2
-    return inverse
-
-
-def _unit_lower_inverse(a, row, col):
-    """a [C, C] strictly lower -> (I + a)^-1, with I + a = (I + a_diag)(I + (I + a_diag)^-1 a_below)."""
-    size = a.shape[0]
-    eye = jnp.where(row == col, 1.0, 0.0)
-    shift = BLOCK.bit_length() - 1  # row // BLOCK as a shift: Mosaic has no vector integer division
-    in_block = lax.shift_right_logical(row, shift) == lax.shift_right_logical(col, shift)
-    diagonal_inverse = _neumann_inverse(jnp.where(in_block, a, 0.0), BLOCK, eye)
-    below = matmul_f32(diagonal_inverse, jnp.where(in_block, 0.0, a))  # strictly block-lower
-    return matmul_f32(_neumann_inverse(below, size // BLOCK, eye), diagonal_inverse)
 
 
 class _Chunk(NamedTuple):
@@ -111,7 +89,7 @@ def _chunk(q_ref, k_ref, v_ref, decay_col_ref, decay_row_ref, beta_ref, carried_
     kk = matmul_f32(k_operand, k_operand, trans_b=True)
     a = jnp.where(strictly_lower, beta * kk * gamma, 0.0)
     return _Chunk(q, k, q_operand, k_operand, q_factor, k_factor, v_ref[...].astype(jnp.float32), beta, gamma,
-                  carried_ref[...], to_end_ref[...], strictly_lower, kk, _unit_lower_inverse(a, row, col))
+                  carried_ref[...], to_end_ref[...], strictly_lower, kk, doubling_inverse(a, row, col, matmul_f32))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, options):
