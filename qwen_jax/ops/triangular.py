@@ -22,33 +22,29 @@ def _matmul(a, b):
     return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
 
-def _double(inverse, a, row, col, level, matmul):
-    """T of a's diagonal blocks of size 2^level -> T of those of size 2^(level + 1): T - T L T."""
+def _double(inverse, a, row, col, eye, level, matmul):
+    """T of a's diagonal blocks of size 2^level -> T of those of size 2^(level + 1): (I - T L) T."""
     same_block = lax.shift_right_logical(row, level + 1) == lax.shift_right_logical(col, level + 1)
     same_half = lax.shift_right_logical(row, level) == lax.shift_right_logical(col, level)
     across = jnp.where(same_block & ~same_half, a, 0.0)  # L: a between each block's two halves
-    return inverse - matmul(matmul(inverse, across), inverse)
+    # Not T - T L T: then remat "dots" keeps the levels' products, for every chunk and scanned layer, to
+    # recompute the subtraction (0.8B on v5p:2x2x1: 27.05 GiB of temporaries, not 22.40).
+    return matmul(eye - matmul(inverse, across), inverse)
 
 
-def doubling_inverse(a, row, col, matmul=_matmul, *, rolled=False):
+def doubling_inverse(a, row, col, matmul=_matmul):
     """a [..., n, n] strictly lower -> (I + a)^-1; row, col: the [n, 1] and [1, n] (or [n, n]) int32 indices.
 
-    The inverse T of each diagonal block of size b gives that of size 2b: T <- T - T L T, with L the
+    The inverse T of each diagonal block of size b gives that of size 2b: T <- (I - T L) T, with L the
     part of a between the block's two halves. Two [n, n] matmuls a level after the first, ceil(log2 n)
     levels. Bit shifts and no integer division, so the same code runs inside a Mosaic kernel (matmul:
-    its own). rolled: the levels as a while loop, which remat policies see as one opaque step.
+    its own). The result is a matmul's: remat "dots" keeps it alone, and needs none of the levels.
     """
-    levels = max(a.shape[-1] - 1, 0).bit_length()
     eye = jnp.where(row == col, 1.0, 0.0).astype(a.dtype)
     first = jnp.where(lax.shift_right_logical(row, 1) == lax.shift_right_logical(col, 1), a, 0.0)
     inverse = jnp.broadcast_to(eye - first, a.shape)  # blocks of two: [[1, 0], [-x, 1]]
-    if rolled:
-        _, inverse = lax.while_loop(
-            lambda carry: carry[0] < levels,
-            lambda carry: (carry[0] + 1, _double(carry[1], a, row, col, carry[0], matmul)), (1, inverse))
-        return inverse
-    for level in range(1, levels):
-        inverse = _double(inverse, a, row, col, level, matmul)
+    for level in range(1, max(a.shape[-1] - 1, 0).bit_length()):
+        inverse = _double(inverse, a, row, col, eye, level, matmul)
     return inverse
 
 
@@ -82,9 +78,9 @@ def inverse_method(size: int) -> str:
 
     TPUs take doubling at full size: [16, 16] blocks fill an eighth of an (8, 128) tile and the blocked
     form's concatenates copy. XLA:TPU's own estimate for the gated delta rule of a train step (v5p, B4
-    T4096 H16 D128, fwd+bwd, the levels unrolled, as its cost analysis counts a loop's body once) falls
-    from 22.3 to 17.1 GB moved. On CPU, full-size doubling ran at 0.87x (fwd) and 0.91x (fwd+bwd) the
-    blocked form's speed (the zero blocks cost flops), so CPUs and GPUs keep the blocked form.
+    T4096 H16 D128, fwd+bwd) falls from 22.3 to 16.5 GB moved. On CPU, full-size doubling ran at 0.87x
+    (fwd) and 0.91x (fwd+bwd) the blocked form's speed (the zero blocks cost flops), so CPUs and GPUs
+    keep the blocked form.
     """
     return "blocked" if size % BLOCK == 0 and target_platform() != "tpu" else "doubling"
 
@@ -92,9 +88,7 @@ def inverse_method(size: int) -> str:
 def _inverse(a: jax.Array) -> jax.Array:
     if inverse_method(a.shape[-1]) == "blocked":
         return _blocked_inverse(a)
-    # Rolled: unrolled, remat "dots" keeps the levels' [C, C] products of every chunk of every scanned layer
-    # (0.8B on v5p:2x2x1: 27.05 GiB of temporaries; rolled 21.40); the custom VJP needs only the inverse.
-    return doubling_inverse(a, *_indices(a.shape[-1]), rolled=True)
+    return doubling_inverse(a, *_indices(a.shape[-1]))
 
 
 @jax.custom_vjp
