@@ -1,4 +1,5 @@
-"""The chunk's triangular inverse: both forms equal float64 numpy's, even for near-parallel keys; TPUs take doubling."""
+"""The chunk's triangular inverse: both forms equal float64 numpy's, even for near-parallel keys; TPUs
+take doubling; remat keeps the inverse and none of its levels."""
 
 import contextlib
 import io

@@ -8,9 +8,9 @@ masks cut, beta) as [C, 1] columns and [1, C] rows, so the body is 2-D throughou
 XLA's autodiff carries their gradients back to g. On GPU the kernel reads q, k, v in the layer's
 [B, T, H, d] layout (no transpose); Mosaic's tiling needs [B, H, T, d]. The triangular inverse (I + A)^-1
 uses matmuls only (ops.triangular's doubling: each diagonal block's inverse from its halves'). The
-backward kernel recomputes everything from the same inputs, so no [C, C] residual is stored. q k^T and k k^T take the inputs' dtype as operands (bf16 on
-the fast path: exact products of the rounded q, k, as the pure-JAX op sees them); the inverse and the
-products with it are float32.
+backward kernel recomputes everything from the same inputs, so no [C, C] residual is stored. q k^T and
+k k^T take the inputs' dtype as operands (bf16 on the fast path: exact products of the rounded q, k, as
+the pure-JAX op sees them); the inverse and the products with it are float32.
 """
 
 from __future__ import annotations
