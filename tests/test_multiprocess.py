@@ -52,10 +52,14 @@ def single(tmp_path_factory) -> list[dict]:
     return read_metrics(workdir / "metrics.jsonl")
 
 
-# The gradient norm is the touchiest: Adam moves a weight by about lr whatever its gradient's size, so
-# rounding in near-zero gradients shows there first (seen once in CI: 5.5e-5 at step 4 with context=2,
-# while a local rerun of the same commit gave 1.3e-7).
-TOLERANCES = {"learning/loss": 2e-5, "learning/grad_norm": 1e-4, "eval/loss": 2e-5}
+# XLA:CPU's two-process runs (gloo collectives) are not bitwise repeatable, though one process driving
+# two devices is: under load the same context=2 step from the same state and batch sometimes gives
+# ulp-level different gradients (the layers below the attention layer) and, rarer, a different grad-norm
+# metric (seen: 4.8e-6 at step 1, 1.4e-4 at step 3 in CI), while the parameters that step wrote stayed
+# bitwise equal over 100 repeats. Loss is the layout check: on this batch the sequence's halves swapped
+# move it by 3.2e-4, inputs shifted one token by 1.6e-3; the gradient of one host's tokens alone (no
+# cross-host reduction) moves the norm by 33%, far outside the norm's 1e-3.
+TOLERANCES = {"learning/loss": 2e-5, "learning/grad_norm": 1e-3, "eval/loss": 2e-5}
 
 
 def assert_same_run(pair_workdir, single: list[dict]) -> None:
