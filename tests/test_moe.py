@@ -66,11 +66,32 @@ def values_and_grads(ffn):
                                               grads(x, gate_up, down, experts))
 
 
-RAGGED, PADDED = values_and_grads(local_ffn("ragged")), values_and_grads(local_ffn("padded"))
+def on_one_device(ffn):
+    """ffn traced under a one-device mesh, where cond_or_select branches even on this CPU."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+
+    def run(*args):
+        with activation_sharding(mesh, DEFAULT_RULES):
+            return ffn(*args)
+    return run
 
 
+RAGGED = values_and_grads(local_ffn("ragged"))
+# On this CPU's 8 devices the overflow pass is selected (XLA:CPU deadlocks on conditionals among
+# collectives); on one device it runs under lax.cond, as on accelerators.
+PADDED = {"select": values_and_grads(local_ffn("padded")),
+          "cond": values_and_grads(on_one_device(local_ffn("padded")))}
+
+
+def test_the_overflow_pass_branches_unless_on_several_cpu_devices():
+    args = (jnp.zeros((TOKENS, HIDDEN)), jnp.asarray(routing("random")), *expert_weights())
+    assert "cond[" in str(jax.make_jaxpr(on_one_device(local_ffn("padded")))(*args))
+    assert "cond[" not in str(jax.make_jaxpr(local_ffn("padded"))(*args))
+
+
+@pytest.mark.parametrize("overflow_pass", ["select", "cond"])
 @pytest.mark.parametrize("kind", ["random", "all_to_one"])
-def test_padded_dispatch_equals_ragged_and_the_definition(kind):
+def test_padded_dispatch_equals_ragged_and_the_definition(kind, overflow_pass):
     x = jax.random.normal(jax.random.key(3), (TOKENS, HIDDEN))
     experts = jnp.asarray(routing(kind))
     gate_up, down = expert_weights()
@@ -78,7 +99,7 @@ def test_padded_dispatch_equals_ragged_and_the_definition(kind):
     ragged, ragged_grads = RAGGED(x, experts, gate_up, down)
     np.testing.assert_allclose(ragged, reference, rtol=1e-5, atol=1e-5)
     # all_to_one overflows experts 0 and 1 far past capacity: the overflow pass must catch it all.
-    padded, padded_grads = PADDED(x, experts, gate_up, down)
+    padded, padded_grads = PADDED[overflow_pass](x, experts, gate_up, down)
     np.testing.assert_allclose(padded, ragged, rtol=1e-6, atol=1e-6)
     for got, want in zip(padded_grads, ragged_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

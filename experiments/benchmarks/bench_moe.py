@@ -333,9 +333,9 @@ class Report:
                  "alone with the router's top-k given: our expert_ffn + the weighted sum vs the peer's "
                  "Qwen3_5MoeExperts. Skewed: the router columns of the first top_k/2 experts scaled x"
                  f"{SKEW_SCALE:g}. The last two columns: peer ms / this ms (> 1: this side is faster)."
-                 + (" On CPU our padded path also runs its block-by-block overflow pass on every call "
-                    "(grouped_matmul.cond_or_select selects instead of branching there)."
-                    if m["backend"] == "cpu" else ""), "",
+                 + (" On one CPU device our padded path branches as on accelerators (its overflow pass runs "
+                    "only the blocks that hold overflow rows); on several it runs every block on every call "
+                    f"(grouped_matmul.cond_or_select). This run had {m['jax_devices']}." if m["backend"] == "cpu" else ""), "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         order = {side: i for i, side in enumerate(SIDES)}
         cases = sorted(self.cases, key=lambda c: (c["routing"] != "even", c["part"] != "block",
@@ -364,7 +364,8 @@ def main():
     dtype = "bfloat16" if on_gpu else "float32"
     repeats, budget_s = (3, 10.0) if args.quick else (7, 15.0)
     meta = {
-        "device": device, "backend": jax.default_backend(), "torch_device": torch_device,
+        "device": device, "backend": jax.default_backend(), "jax_devices": jax.device_count(),
+        "torch_device": torch_device,
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": sys.version.split()[0]},
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

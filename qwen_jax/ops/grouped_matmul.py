@@ -16,17 +16,20 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import MOE_DISPATCHES
-from qwen_jax.parallel.rules import target_platform
+from qwen_jax.parallel.rules import active_mesh, target_platform
 
 def cond_or_select(pred: jax.Array, true_fn, false_fn, *operands):
-    """`lax.cond` on accelerators; on CPU both branches run and the result is selected.
+    """`lax.cond`, except on several CPU devices: there both branches run and the result is selected.
 
     XLA:CPU's runtime deadlocks when a conditional runs among collectives on several host devices
     (seen with jax 0.10.2: all-to-all and all-reduce rendezvous never complete), so the CPU test
-    meshes take the select; GPUs and TPUs skip the untaken branch's work. The platform is the
-    active mesh's (a TPU compile check traces on a CPU host), else the default backend.
+    meshes take the select; one CPU device has no collectives to wait on, and GPUs and TPUs skip the
+    untaken branch's work. The devices are the active mesh's (a TPU compile check traces on a CPU
+    host), else all of this backend's.
     """
-    if target_platform() != "cpu":
+    mesh = active_mesh()
+    devices = jax.device_count() if mesh is None else mesh.size
+    if target_platform() != "cpu" or devices == 1:
         return jax.lax.cond(pred, true_fn, false_fn, *operands)
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(*operands), false_fn(*operands))
 
