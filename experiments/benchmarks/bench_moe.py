@@ -335,7 +335,8 @@ class Report:
                  f"{SKEW_SCALE:g}. The last two columns: peer ms / this ms (> 1: this side is faster)."
                  + (" On one CPU device our padded path branches as on accelerators (its overflow pass runs "
                     "only the blocks that hold overflow rows); on several it runs every block on every call "
-                    f"(grouped_matmul.cond_or_select). This run had {m['jax_devices']}." if m["backend"] == "cpu" else ""), "",
+                    f"(grouped_matmul.cond_or_select). This run had {m['jax_devices']}."
+                    if m["backend"] == "cpu" else ""), "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         order = {side: i for i, side in enumerate(SIDES)}
         cases = sorted(self.cases, key=lambda c: (c["routing"] != "even", c["part"] != "block",
