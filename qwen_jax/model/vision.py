@@ -18,7 +18,7 @@ from flax import nnx
 
 from qwen_jax.config import VisionConfig
 from qwen_jax.model.positions import check_grid, concrete_value
-from qwen_jax.model.rope import apply_rope
+from qwen_jax.model.rope import apply_rope, rope_inv_freq
 
 LAYER_NORM_EPS = 1e-6  # HF hard-codes it for every vision LayerNorm
 
@@ -69,7 +69,7 @@ def vision_rotary(row: jax.Array, col: jax.Array, head_dim: int, theta: float) -
     """Axial 2-D RoPE: row, col [N] -> cos, sin [N, head_dim] float32; the first half of the
     frequencies turn with the row, the second with the column, rotating the whole head."""
     half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
+    inv_freq = rope_inv_freq(half, theta)[0]
     angles = jnp.concatenate([row[:, None].astype(jnp.float32) * inv_freq,
                               col[:, None].astype(jnp.float32) * inv_freq], axis=-1)
     angles = jnp.concatenate([angles, angles], axis=-1)
