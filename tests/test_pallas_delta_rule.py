@@ -20,7 +20,7 @@ from qwen_jax import ModelConfig, Qwen35ForCausalLM, preset
 from qwen_jax.config import ConfigError
 from qwen_jax.model.gated_deltanet import GatedDeltaNet, gdn_method
 from qwen_jax.ops.delta_rule import gated_delta_rule, l2_normalise
-from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, pallas_gated_delta_rule
+from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, default_block_v, pallas_gated_delta_rule
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
 from qwen_jax.train.compile_check import tpu_topology
@@ -94,17 +94,19 @@ def test_pallas_bf16_operands_stay_within_bf16_error(kernel):
     assert relative_error(final, expected_final) < 1e-2
 
 
-def test_tpu_kernel_sums_the_partial_gradients_of_two_value_blocks():
-    """dv = 256 in two 128-lane blocks: the shared gradients (dq, dk, dg, dbeta) add both blocks' parts."""
+@pytest.mark.parametrize("value_dim", [256, 192])
+def test_tpu_kernel_on_value_heads_wider_than_a_lane_block(value_dim):
+    """dv = 256 in two 128-lane blocks: the shared gradients (dq, dk, dg, dbeta) add both blocks' parts.
+    dv = 192, which 128 lanes do not divide: one block of the whole head."""
     rng = np.random.default_rng(4)
     q, k = (jnp.asarray(x, jnp.float32) for x in rng.standard_normal((2, 1, 128, 1, 128)))
-    v = jnp.asarray(rng.standard_normal((1, 128, 1, 256)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 128, 1, value_dim)), jnp.float32)
     g = jnp.asarray(-np.logaddexp(0.0, rng.standard_normal((1, 128, 1))), jnp.float32)
     beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((1, 128, 1)))), jnp.float32)
 
     def loss(rule, *args):
         o, final = rule(*args)
-        return jnp.sum(o * jnp.arange(256.0) / 256) + jnp.sum(final * final)
+        return jnp.sum(o * jnp.arange(float(value_dim)) / value_dim) + jnp.sum(final * final)
 
     grads = {name: jax.jit(jax.grad(functools.partial(loss, rule), argnums=range(5)))(q, k, v, g, beta)
              for name, rule in (("chunked", functools.partial(gated_delta_rule, normalize_qk=True)),
@@ -115,14 +117,15 @@ def test_tpu_kernel_sums_the_partial_gradients_of_two_value_blocks():
         assert relative_error(got, want) < 1e-4, name
 
 
-def test_tpu_kernels_compile_for_a_v5p_chip():
+@pytest.mark.parametrize("value_dim", [128, 192])
+def test_tpu_kernels_compile_for_a_v5p_chip(value_dim):
     """XLA:TPU (libtpu, on this CPU host) compiles the bf16 forward and backward kernels, the chunk terms'
-    and the recurrence's: Mosaic takes their block shapes, the SMEM decays, the [C, 1] and [1, C] scalar
-    blocks and the transposed-operand matmuls."""
+    and the recurrence's: Mosaic takes their block shapes (dv = 192: one block of the whole head), the SMEM
+    decays, the [C, 1] and [1, C] scalar blocks and the transposed-operand matmuls."""
     device = tpu_topology("v5p:2x2x1").devices[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
-    shapes = [jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16, sharding=sharding)] * 3 + \
-             [jax.ShapeDtypeStruct((1, 256, 2), jnp.float32, sharding=sharding)] * 2
+    shapes = [jax.ShapeDtypeStruct((1, 256, 2, dim), jnp.bfloat16, sharding=sharding) for dim in (128, 128, value_dim)]
+    shapes += [jax.ShapeDtypeStruct((1, 256, 2), jnp.float32, sharding=sharding)] * 2
 
     def loss(*args):
         o, final = pallas_gated_delta_rule(*args, platform="tpu", interpret=False)
@@ -146,6 +149,7 @@ def test_kernel_shape_limits_are_named():
     with pytest.raises(ValueError, match="multiple of 128"):
         check_kernel_shapes(128, 256, 64, 64, platform="tpu")
     check_kernel_shapes(96, 96, 40, 96, platform="tpu")  # whole dims: these compile for v5p too
+    assert default_block_v(192, "tpu") == 192 and default_block_v(256, "tpu") == 128
 
 
 def test_gdn_impl_resolution():

@@ -33,8 +33,11 @@ def kernel_platform(platform: str | None = None) -> str:
 
 
 def default_block_v(value_dim: int, platform: str) -> int:
-    """Value channels per program: 64 on GPU (registers), the 128-lane width on TPU."""
-    return min(tpu.BLOCK_V if platform == "tpu" else BLOCK_V, value_dim)
+    """Value channels per program: 64 on GPU (registers); on TPU the 128-lane width where it divides
+    value_dim, else all of it (a block of whole lanes or the whole dim is what Mosaic takes)."""
+    if platform == "tpu":
+        return tpu.BLOCK_V if value_dim % tpu.BLOCK_V == 0 else value_dim
+    return min(BLOCK_V, value_dim)
 
 
 def check_kernel_shapes(key_dim: int, value_dim: int, chunk_size: int, block_v: int,
