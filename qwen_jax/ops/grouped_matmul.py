@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from qwen_jax.config import MOE_DISPATCHES
 from qwen_jax.parallel.rules import active_mesh, target_platform
 
+
 def cond_or_select(pred: jax.Array, true_fn, false_fn, *operands):
     """`lax.cond`, except on several CPU devices: there both branches run and the result is selected.
 
