@@ -24,8 +24,8 @@ def mrope_slot_axes(rotary_dim: int, mrope_section: tuple[int, ...]) -> np.ndarr
 def _base_frequencies(theta: float, dim: int) -> np.ndarray:
     """theta ** (2i / dim) float32 [dim / 2], the exponent in float32 and the power rounded once to float32.
 
-    HF's torch float32 power gives the same bits at every slot of Qwen3.5's text and vision shapes (and
-    at 99.4% of a wider grid of thetas and dims). NumPy 2.4.6's own float32 power misses by an ulp at a
+    HF's torch float32 power gives the same bits at every slot of Qwen3.5's text and vision shapes (and at
+    99.4% of a wider grid of thetas and dims). NumPy 2.4.6's own float32 power misses by an ulp at up to a
     quarter of them, which turns cos and sin by up to 0.03 at positions near 1M.
     """
     exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
