@@ -119,12 +119,12 @@ def loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, token_count: jax.Ar
     """Masked mean CE (+ z-loss, + MoE aux) of one micro-batch, normalised by the global token count."""
     model = nnx.merge(graphdef, params)
     out = model(batch["input_ids"], **model_inputs(batch))
-    ce_sum, z_sum = chunked_cross_entropy(
+    token_loss, ce_sum, _ = chunked_cross_entropy(
         out.hidden, model.head_weight(), batch["targets"], batch["loss_mask"],
         chunk_size=cfg.ce_chunk, z_loss_weight=cfg.z_loss, compute_dtype=out.hidden.dtype)
     aux = out.aux_loss / cfg.grad_accum
     aux_weight = model.config.router_aux_loss_coef if cfg.moe_aux_loss is None else cfg.moe_aux_loss
-    loss = (ce_sum + z_sum) / token_count + aux_weight * aux
+    loss = token_loss / token_count + aux_weight * aux
     load = jnp.zeros((0,)) if out.expert_load is None else out.expert_load
     return loss, {"ce": ce_sum / token_count, "aux": aux, "expert_load": load}
 
