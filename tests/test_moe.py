@@ -68,7 +68,7 @@ def values_and_grads(ffn):
 
 def on_one_device(ffn):
     """ffn traced under a one-device mesh, where cond_or_select branches even on this CPU."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
 
     def run(*args):
         with activation_sharding(mesh, DEFAULT_RULES):

@@ -66,7 +66,7 @@ def _scan_chunks(hidden, head_weight, targets, mask, z_loss_weight, compute_dtyp
         # d/d logits of (log_z - logit_t) m + w log_z^2 m: softmax (1 + 2 w log_z) m - onehot(t) m.
         scale = (1 + 2 * z_loss_weight * log_z) * m
         d_logits = jnp.exp(logits - log_z[..., None]) * scale[..., None]
-        d_logits = (d_logits - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32) * m[..., None])
+        d_logits = d_logits - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32) * m[..., None]
         d_logits = d_logits.astype(compute_dtype)
         d_hidden = jnp.dot(d_logits, weight.T, preferred_element_type=jnp.float32).astype(h.dtype)
         d_weight = carry[2] + jnp.einsum("bth,btv->hv", h.astype(compute_dtype), d_logits,
