@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_jax.ops.delta_rule import (chunked_gated_delta_rule, gated_delta_rule, matmul_operand,
+from qwen_jax.ops.delta_rule import (chunked_gated_delta_rule, delta_rule_step, gated_delta_rule, matmul_operand,
                                      recurrent_gated_delta_rule)
 from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
 from qwen_jax.train.compile_check import tpu_topology
@@ -141,6 +141,22 @@ def test_split_sequence_continues_from_state(method):
     second_o, final_state = rule(*second, initial_state=middle_state, **kwargs)
     assert_close(jnp.concatenate([first_o, second_o], axis=1), whole_o, 1e-5)
     assert_close(final_state, whole_state, 1e-5)
+
+
+def test_one_step_equals_the_rule_as_written_and_reads_the_state_in_one_matmul():
+    *token, state = make_inputs(12, seq_len=1)
+    q, k, v, g, beta = (x[:, 0] for x in token)
+    o, new_state = jax.jit(delta_rule_step)(q, k, v, g, beta, state)
+    # The rule in float64, in its textbook order: decay, read, write, read.
+    q64, k64, v64, g64, beta64, s = (np.asarray(x, np.float64) for x in (q, k, v, g, beta, state))
+    s = np.exp(g64)[..., None, None] * s
+    delta = beta64[..., None] * (v64 - np.einsum("bhkv,bhk->bhv", s, k64))
+    s = s + k64[..., :, None] * delta[..., None, :]
+    assert_close(new_state, s, 1e-6)
+    assert_close(o, np.einsum("bhkv,bhk->bhv", s, q64), 1e-6)
+    # A decode step is bound by the state's bytes: one matmul reads it (for S^T k and S^T q together).
+    jaxpr = jax.make_jaxpr(delta_rule_step)(q, k, v, g, beta, state).jaxpr
+    assert sum(state.shape in shapes for _, shapes in dot_operands(jaxpr)) == 1
 
 
 def test_output_dtype_follows_v_and_state_stays_float32():

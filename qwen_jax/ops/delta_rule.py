@@ -119,6 +119,20 @@ def _segment_starts(segment_ids):
     return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
 
 
+def delta_rule_step(q, k, v, g, beta, state):
+    """One token: q, k [B,H,dk], v [B,H,dv], g, beta [B,H], state f32 [B,H,dk,dv] -> o [B,H,dv], new state.
+
+    The rule's step rearranged so that the state is read twice and written once (a decode step is bound by
+    the state's bytes): one matmul reads S^T k and S^T q together, and the decay folds into what uses them,
+        delta = beta (v - e^g S^T k);  S' = e^g S + k delta^T;  o = S'^T q = e^g S^T q + (k . q) delta.
+    """
+    decay = jnp.exp(g)[..., None]  # [B, H, 1]
+    read = _einsum("bhkv,bhnk->bhnv", state, jnp.stack([k, q], axis=2))  # [B, H, 2, dv]
+    delta = beta[..., None] * (v - decay * read[:, :, 0])
+    o = decay * read[:, :, 1] + jnp.sum(k * q, axis=-1, keepdims=True) * delta
+    return o, decay[..., None] * state + k[..., :, None] * delta[..., None, :]
+
+
 def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None):
     """Step-by-step reference: q, k [B,T,H,dk], v [B,T,H,dv], g, beta [B,T,H] -> o [B,T,H,dv], state [B,H,dk,dv]."""
     check_inputs(q, k, v, g, beta, initial_state, segment_ids)
@@ -131,10 +145,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_
     def step(state, inputs):
         q_t, k_t, v_t, g_t, beta_t, start_t = inputs
         state = jnp.where(start_t[:, None, None, None], 0.0, state)
-        state = jnp.exp(g_t)[..., None, None] * state
-        delta = beta_t[..., None] * (v_t - _einsum("bhkv,bhk->bhv", state, k_t))
-        state = state + k_t[..., :, None] * delta[..., None, :]
-        return state, _einsum("bhkv,bhk->bhv", state, q_t)
+        return delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state)[::-1]
 
     def time_major(x):
         return jnp.moveaxis(x, 1, 0).astype(jnp.float32)
