@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_walk import all_eqns
 
 from qwen_jax.ops.delta_rule import (chunked_gated_delta_rule, delta_rule_step, gated_delta_rule, matmul_operand,
                                      recurrent_gated_delta_rule)
@@ -196,15 +197,9 @@ def test_bf16_operands_stay_within_budget_of_the_float32_oracle(scan):
 def dot_operands(jaxpr):
     """({operand dtypes}, [shapes]) of every dot_general in a jaxpr and the jaxprs inside it (scans,
     custom VJPs, jits)."""
-    for eqn in jaxpr.eqns:
+    for eqn in all_eqns(jaxpr):
         if eqn.primitive.name == "dot_general":
             yield {v.aval.dtype for v in eqn.invars}, [v.aval.shape for v in eqn.invars]
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from dot_operands(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from dot_operands(sub)
 
 
 @pytest.mark.parametrize("operand", [jnp.bfloat16, jnp.float32])

@@ -1,5 +1,7 @@
 """Generation: cached decode == full forward (also after a continuation), greedy == transformers'
-generate, sampler logprobs == the training forward's, sampling options and stop tokens."""
+generate, sampler logprobs == the training forward's, sampling options and stop tokens; caches updated in place."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +10,11 @@ import pytest
 import torch
 from flax import nnx
 from hf_reference import build_hf_model, hf_text_config
+from jaxpr_walk import all_eqns
 
 import qwen_jax
 from qwen_jax import Qwen35ForCausalLM, preset
+from qwen_jax.generate import engine
 from qwen_jax.generate.engine import generate, right_pad
 from qwen_jax.generate.sampling import sample
 
@@ -235,3 +239,39 @@ def test_sharded_generation_equals_one_device(model):
     np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
     keys = out.cache.groups[-1]["k"]  # [G, B, S, Hkv, D]: rows over data x fsdp, heads over tensor
     assert keys.sharding.spec[1] == ("data", "fsdp") and keys.sharding.spec[3] == "tensor"
+
+
+def hlo_copies(text):
+    """{(dtype, shape): how many copy instructions} of an optimized HLO module's text."""
+    copies = {}
+    for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\{[\d,]*\} copy\(", text):
+        key = (dtype, tuple(int(d) for d in dims.split(",") if d))
+        copies[key] = copies.get(key, 0) + 1
+    return copies
+
+
+def test_decode_updates_its_caches_in_place():
+    """bf16, two scanned groups: no stacked cache is copied inside the decode loop, and a step writes only its
+    own key and value columns into the stacked attention caches (never a whole group's [B, S, ...])."""
+    config = preset("tiny", vocab_size=300, num_hidden_layers=8, dtype="bfloat16", param_dtype="bfloat16")
+    deep = Qwen35ForCausalLM(config, rngs=nnx.Rngs(0))
+    ids, segments = (jnp.asarray(x) for x in right_pad([[5, 6, 7], [8, 9]]))
+    cache = deep.init_cache(2, 12)
+    graphdef, state = nnx.split(deep)
+    keys = jax.vmap(jax.random.key)(jnp.arange(2, dtype=jnp.uint32))
+    text = engine._generate.lower(graphdef, state, ids, segments, cache, keys, jnp.asarray([-1], jnp.int32), {},
+                                  max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, pad_id=0, mesh=None,
+                                  rules=engine.hashable_rules(engine.DEFAULT_RULES)).compile().as_text()
+    copies = hlo_copies(text)
+    hlo_dtypes = {"float32": "f32", "bfloat16": "bf16"}
+    entries = [(hlo_dtypes[x.dtype.name], x.shape) for x in jax.tree.leaves(cache.groups)]
+    for entry in set(entries):  # at most one copy of each: the argument's, into the loop (it is not donated)
+        assert copies.get(entry, 0) <= entries.count(entry), (entry, copies.get(entry))
+
+    jaxpr = jax.make_jaxpr(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache).cache)(
+        state, ids[:, :1], cache)
+    stacked_keys = cache.groups[-1]["k"].shape  # [G, B, S, Hkv, D]
+    writes = [eqn.invars[1].aval.shape for eqn in all_eqns(jaxpr.jaxpr)
+              if eqn.primitive.name == "dynamic_update_slice" and eqn.invars[0].aval.shape == stacked_keys]
+    assert writes and all(shape == (1, 2, 1, *stacked_keys[3:]) for shape in writes), writes
+

@@ -62,6 +62,34 @@ def init_cache(cfg: ModelConfig, pattern: tuple[str, ...], num_groups: int, tail
         index=jnp.zeros((), jnp.int32))
 
 
+def scanned_view(stacked: dict, group: jax.Array) -> dict:
+    """A scanned layer's part of its stacked [G, ...] cache entries, for group `group`.
+
+    The GDN conv window and state are sliced out (a step rewrites them whole). Attention keys and values
+    stay stacked, with the group's index, so that the layer writes only its new columns into them:
+    slicing [B, S, ...] out and back in would move the whole cache every step.
+    """
+    if "k" in stacked:
+        return {**stacked, "group": group}
+    return jax.tree.map(lambda x: x[group], stacked)
+
+
+def write_back(stacked: dict, view: dict, group: jax.Array) -> dict:
+    """The stacked entries after the layer of group `group` returned its updated `scanned_view`."""
+    if "k" in stacked:
+        return {"k": view["k"], "v": view["v"]}
+    return jax.tree.map(lambda x, new: jax.lax.dynamic_update_index_in_dim(x, new, group, 0), stacked, view)
+
+
+def write_columns(entry: jax.Array, new: jax.Array, column: jax.Array, group: jax.Array | None = None) -> jax.Array:
+    """new [B, T, ...] written at columns column .. column + T - 1 of entry [B, S, ...], or of group `group`
+    of a stacked entry [G, B, S, ...]."""
+    new = new.astype(entry.dtype)
+    if group is None:
+        return jax.lax.dynamic_update_slice(entry, new, (0, column) + (0,) * (new.ndim - 2))
+    return jax.lax.dynamic_update_slice(entry, new[None], (group, 0, column) + (0,) * (new.ndim - 2))
+
+
 def shard_cache(cache: Cache, mesh: Mesh, rules) -> Cache:
     """Place every cache array on `mesh` by the logical-axis `rules` (stacked groups: layers first)."""
     def place(path, x):

@@ -6,6 +6,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from qwen_jax.config import ConfigError, ModelConfig
+from qwen_jax.generate.cache import write_columns
 from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import RMSNorm
 from qwen_jax.model.rope import apply_rope
@@ -81,10 +82,10 @@ class GatedAttention(nnx.Module):
         k = apply_rope(self.k_norm(k), cos, sin)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         if cache is not None:
-            start = (0, index, 0, 0)
-            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
-            k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+            group = cache.get("group")  # a scanned layer's keys and values stay stacked [G, B, S, ...]
+            cache = {**cache, "k": write_columns(cache["k"], k, index, group),
+                     "v": write_columns(cache["v"], v, index, group)}
+            k, v = ((cache[name] if group is None else cache[name][group]).astype(q.dtype) for name in ("k", "v"))
         mesh = active_mesh()
         if cache is None and context_shards(mesh) > 1:
             out = self._across_context(q, k, v, segment_ids, mesh)

@@ -8,7 +8,7 @@ from flax import nnx, struct
 
 from qwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
 from qwen_jax.model.attention import GatedAttention, cached_attention_mask, segment_causal_mask
-from qwen_jax.generate.cache import Cache, init_cache
+from qwen_jax.generate.cache import Cache, init_cache, scanned_view, write_back
 from qwen_jax.model.gated_deltanet import GatedDeltaNet
 from qwen_jax.model.mlp import SwiGLU
 from qwen_jax.model.moe import SparseMoE, load_balancing_loss
@@ -281,9 +281,9 @@ class Qwen35ForCausalLM(nnx.Module):
         """Scan the stacked groups so compile time does not grow with depth; MoE stats and caches
         stack [G, P, ...] / [G, ...].
 
-        The caches ride in the scan's carry, each group's slice read and written back at its index: as
-        scanned inputs and outputs they would come back in a new buffer, which a decode loop then copies
-        whole into its own every step (measured on XLA:CPU: two copies of every GDN state per token).
+        The caches ride in the scan's carry and are updated in place (see `scanned_view`): as scanned inputs
+        and outputs they would come back in a new buffer, which a decode loop then copies whole into its
+        own every step (XLA:CPU and v5p HLO: two copies of every GDN state per token).
         """
         if self.num_groups == 0:
             return h, {}, caches
@@ -292,11 +292,10 @@ class Qwen35ForCausalLM(nnx.Module):
         def body(carry, xs):
             h, caches = carry
             group_state, group_replay, index = xs
-            group_caches = None if caches is None else jax.tree.map(lambda x: x[index], caches)
-            h, stats, group_caches = nnx.merge(graphdef, group_state)(h, ctx, group_replay, group_caches)
+            views = None if caches is None else tuple(scanned_view(c, index) for c in caches)
+            h, stats, views = nnx.merge(graphdef, group_state)(h, ctx, group_replay, views)
             if caches is not None:
-                caches = jax.tree.map(lambda x, new: jax.lax.dynamic_update_index_in_dim(x, new, index, 0),
-                                      caches, group_caches)
+                caches = tuple(write_back(c, view, index) for c, view in zip(caches, views))
             return (constrain(h, ACTIVATION_AXES), caches), stats
 
         if self.config.remat != "none":
