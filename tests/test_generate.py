@@ -1,6 +1,7 @@
 """Generation: cached decode == full forward (also after a continuation), greedy == transformers'
 generate, sampler logprobs == the training forward's, sampling options and stop tokens; caches updated in place."""
 
+import collections
 import re
 
 import jax
@@ -242,12 +243,9 @@ def test_sharded_generation_equals_one_device(model):
 
 
 def hlo_copies(text):
-    """{(dtype, shape): how many copy instructions} of an optimized HLO module's text."""
-    copies = {}
-    for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\{[\d,]*\} copy\(", text):
-        key = (dtype, tuple(int(d) for d in dims.split(",") if d))
-        copies[key] = copies.get(key, 0) + 1
-    return copies
+    """Counter {(dtype, shape): copy instructions} of an optimized HLO module's text."""
+    return collections.Counter((dtype, tuple(int(d) for d in dims.split(",") if d))
+                               for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\{[\d,]*\} copy\(", text))
 
 
 def test_decode_updates_its_caches_in_place():
@@ -266,7 +264,7 @@ def test_decode_updates_its_caches_in_place():
     hlo_dtypes = {"float32": "f32", "bfloat16": "bf16"}
     entries = [(hlo_dtypes[x.dtype.name], x.shape) for x in jax.tree.leaves(cache.groups)]
     for entry in set(entries):  # at most one copy of each: the argument's, into the loop (it is not donated)
-        assert copies.get(entry, 0) <= entries.count(entry), (entry, copies.get(entry))
+        assert copies[entry] <= entries.count(entry), (entry, copies[entry])
 
     jaxpr = jax.make_jaxpr(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache).cache)(
         state, ids[:, :1], cache)
@@ -274,4 +272,3 @@ def test_decode_updates_its_caches_in_place():
     writes = [eqn.invars[1].aval.shape for eqn in all_eqns(jaxpr.jaxpr)
               if eqn.primitive.name == "dynamic_update_slice" and eqn.invars[0].aval.shape == stacked_keys]
     assert writes and all(shape == (1, 2, 1, *stacked_keys[3:]) for shape in writes), writes
-
