@@ -15,11 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jaxpr_walk import all_eqns
 
 from qwen_jax import ModelConfig, Qwen35ForCausalLM, preset
 from qwen_jax.config import ConfigError
 from qwen_jax.model.gated_deltanet import GatedDeltaNet, gdn_method
-from qwen_jax.ops.delta_rule import gated_delta_rule, l2_normalise
+from qwen_jax.generate.engine import generate
+from qwen_jax.ops.delta_rule import delta_rule_step, gated_delta_rule, l2_normalise
+from qwen_jax.ops.pallas.decode_step import pallas_delta_rule_step
 from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, default_block_v, pallas_gated_delta_rule
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
@@ -215,3 +218,53 @@ def test_pallas_gdn_layer_on_a_mesh_matches_the_pure_jax_layer(mesh_sizes):
     assert len(grads) == len(expected_grads) > 8
     for grad, expected in zip(grads, expected_grads):
         np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_step_kernel_steps_one_group_of_the_stacked_states():
+    """The step kernel (interpreted) on stacked states [G, B, H, dk, dv] and a group index: production heads
+    (dv = 128 in two value blocks of 64); o and the group's new state equal XLA's step, the other groups are
+    left as they were."""
+    *sequence, state = make_inputs(5)
+    q, k = (l2_normalise(x[:, 0]) for x in sequence[:2])
+    q = q * D**-0.5
+    v, g, beta = (x[:, 0] for x in sequence[2:])
+    states = jnp.stack([state, 2 * state, -state])
+    o, new_states = jax.jit(functools.partial(pallas_delta_rule_step, interpret=True))(
+        q, k, v, g, beta, states, jnp.int32(1))
+    expected_o, expected_state = delta_rule_step(q, k, v, g, beta, states[1])
+    assert relative_error(o, expected_o) < 1e-6
+    assert relative_error(new_states[1], expected_state) < 1e-6
+    np.testing.assert_array_equal(new_states[::2], states[::2])
+
+
+def test_generation_with_pallas_gdn_matches_pure_jax():
+    """Greedy decoding with gdn_impl pallas (the step kernel, interpreted) == with the pure-JAX layer, with two
+    scanned groups and a tail layer."""
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    outs = [generate(Qwen35ForCausalLM(preset("tiny", num_hidden_layers=10, gdn_impl=impl), rngs=nnx.Rngs(0)),
+                     prompts, max_new_tokens=6) for impl in ("jax", "pallas")]
+    np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
+    np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, atol=1e-5)
+
+
+def test_decode_step_runs_on_the_whole_stacked_state_and_lowers_to_triton():
+    """A cached one-token call of a model with two scanned groups and a two-layer tail, gdn_impl pallas: every
+    GDN layer's step kernel takes the whole stacked state (its group's rows of [G, B*H, dk, dv], or the tail
+    layer's [1, B*H, dk, dv]) and aliases it to its output; the kernel lowers for CUDA to one Triton call."""
+    model = Qwen35ForCausalLM(preset("tiny", num_hidden_layers=10, gdn_impl="pallas"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    cache = model.init_cache(2, 8)
+    jaxpr = jax.make_jaxpr(lambda params, ids, cache: nnx.merge(graphdef, params)(ids, cache=cache).cache)(
+        params, jnp.zeros((2, 1), jnp.int32), cache)
+    steps = [eqn for eqn in all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"
+             and "gdr_decode_step" in str(eqn.params.get("name_and_src_info", eqn.params.get("name")))]
+    groups, batch, heads, key_dim, value_dim = cache.groups[0]["state"].shape
+    assert sorted(eqn.invars[6].aval.shape[0] for eqn in steps) == [1, 1, groups, groups, groups]
+    assert all(eqn.invars[6].aval.shape[1:] == (batch * heads, key_dim, value_dim) for eqn in steps)
+    assert all(tuple(eqn.params["input_output_aliases"]) == ((6, 1),) for eqn in steps)
+
+    token = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in [(batch, heads, key_dim)] * 3 + [(batch, heads)] * 2]
+    stacked = jax.ShapeDtypeStruct((groups, batch, heads, key_dim, value_dim), jnp.float32)
+    text = jax.jit(pallas_delta_rule_step).trace(*token, stacked, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and 'name = "gdr_decode_step"' in text

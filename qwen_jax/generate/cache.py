@@ -62,23 +62,25 @@ def init_cache(cfg: ModelConfig, pattern: tuple[str, ...], num_groups: int, tail
         index=jnp.zeros((), jnp.int32))
 
 
+# Entries a scanned layer updates in place in their stacked [G, ...] arrays (see scanned_view).
+IN_PLACE = ("k", "v", "state")
+
+
 def scanned_view(stacked: dict, group: jax.Array) -> dict:
     """A scanned layer's part of its stacked [G, ...] cache entries, for group `group`.
 
-    The GDN conv window and state are sliced out (a step rewrites them whole). Attention keys and values
-    stay stacked, with the group's index, so that the layer writes only its new columns into them:
-    slicing [B, S, ...] out and back in would move the whole cache every step.
+    Attention keys and values and the GDN state stay stacked, with the group's index: the layer writes
+    only its new key and value columns, and the Pallas decode step steps the state where it lies
+    (slicing [B, S, ...] out and back in would move the whole cache every step). The GDN conv window
+    (a few rows) is sliced out.
     """
-    if "k" in stacked:
-        return {**stacked, "group": group}
-    return jax.tree.map(lambda x: x[group], stacked)
+    return {name: x if name in IN_PLACE else x[group] for name, x in stacked.items()} | {"group": group}
 
 
 def write_back(stacked: dict, view: dict, group: jax.Array) -> dict:
     """The stacked entries after the layer of group `group` returned its updated `scanned_view`."""
-    if "k" in stacked:
-        return {"k": view["k"], "v": view["v"]}
-    return jax.tree.map(lambda x, new: jax.lax.dynamic_update_index_in_dim(x, new, group, 0), stacked, view)
+    return {name: view[name] if name in IN_PLACE else jax.lax.dynamic_update_index_in_dim(x, view[name], group, 0)
+            for name, x in stacked.items()}
 
 
 def write_columns(entry: jax.Array, new: jax.Array, column: jax.Array, group: jax.Array | None = None) -> jax.Array:

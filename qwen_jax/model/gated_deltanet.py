@@ -11,11 +11,12 @@ from jax.sharding import PartitionSpec
 from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import GatedRMSNorm
-from qwen_jax.ops.delta_rule import chunk_terms, gated_delta_rule, rule_from_terms
+from qwen_jax.ops.delta_rule import chunk_terms, gated_delta_rule, normalized_qk, rule_from_terms
+from qwen_jax.ops.pallas.decode_step import pallas_delta_rule_step
 from qwen_jax.ops.pallas.gated_delta_rule import (check_kernel_shapes, default_block_v, kernel_platform,
                                                   pallas_chunk_terms, pallas_rule_from_terms)
 from qwen_jax.parallel.context import AXIS, context_shards, delta_rule_across_shards, previous_shard_tail
-from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for
+from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for, target_platform
 
 
 def causal_depthwise_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -155,9 +156,34 @@ class GatedDeltaNet(nnx.Module):
         conv_cache = jnp.take_along_axis(window, last[..., None], axis=1).astype(cache["conv"].dtype)
         # No decay and no write: the state passes padding unchanged.
         g, beta = jnp.where(keep[..., None], g, 0.0), jnp.where(keep[..., None], beta, 0.0)
-        out, state = self._rule(*self._heads(conv), g, beta, None, cache["state"],
+        # A scanned layer's state stays stacked [G, B, Hv, dk, dv] (generate.cache.scanned_view).
+        group, states = cache.get("group"), cache["state"]
+        if length == 1 and self.method == "pallas" and kernel_platform() == "gpu":
+            stacked = states[None] if group is None else states
+            out, stacked = self._decode_step(*self._heads(conv), g, beta, stacked, 0 if group is None else group)
+            return out, {"conv": conv_cache, "state": stacked[0] if group is None else stacked}
+        out, state = self._rule(*self._heads(conv), g, beta, None, states if group is None else states[group],
                                 "recurrent" if length == 1 else self.method, active_mesh())
+        if group is not None:
+            state = jax.lax.dynamic_update_index_in_dim(states, state, group, 0)
         return out, {"conv": conv_cache, "state": state}
+
+    def _decode_step(self, q, k, v, g, beta, states, group):
+        """One token [B, 1, Hv, ...] through the Pallas step kernel, which steps group `group` of the stacked
+        states [G, B, Hv, dk, dv] in place -> (o [B, 1, Hv, dv], states). On a mesh it runs in shard_map over
+        the rows and heads, as `_rule` runs the other kernels."""
+        q, k = normalized_qk(q[:, 0], k[:, 0], self.k_head_dim**-0.5)
+        token = (q, k, v[:, 0], g[:, 0], beta[:, 0])
+        step = functools.partial(pallas_delta_rule_step, interpret=target_platform() != "gpu")
+        mesh = active_mesh()
+        if mesh is not None and mesh.size > 1:
+            rows, heads = spec_for(("batch", "heads"), v.shape[::2], mesh, active_rules())
+            per_head, per_row_head = PartitionSpec(rows, heads, None), PartitionSpec(rows, heads)
+            stacked = PartitionSpec(None, rows, heads, None, None)
+            step = jax.shard_map(step, mesh=mesh, check_vma=False, out_specs=(per_head, stacked),
+                                 in_specs=(per_head,) * 3 + (per_row_head,) * 2 + (stacked, PartitionSpec()))
+        o, states = step(*token, states, jnp.asarray(group, jnp.int32))
+        return o[:, None].astype(v.dtype), states
 
     def _across_context(self, pre_conv, g, beta, segment_ids, mesh):
         """Training over a sequence split on the mesh's context axis -> out [B, T, Hv, dv], sharded alike."""
