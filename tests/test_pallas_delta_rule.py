@@ -5,6 +5,7 @@ Production tiling: dk = dv = 128, chunks of 64, value blocks of 64 on GPU (two p
 several chunks per row, packed segments (one cut on a chunk edge, a reused id, padding) and an initial
 state. The TPU kernels also compile for a real TPU (XLA:TPU through libtpu, on this CPU host). On a
 4-device mesh the layer runs the kernels inside shard_map and matches the pure-JAX layer on one device.
+The decode step kernel (GPU) steps one group of the stacked state in place and decodes like XLA's step.
 """
 
 import contextlib
@@ -25,7 +26,7 @@ from qwen_jax.ops.delta_rule import delta_rule_step, gated_delta_rule, l2_normal
 from qwen_jax.ops.pallas.decode_step import pallas_delta_rule_step
 from qwen_jax.ops.pallas.gated_delta_rule import check_kernel_shapes, default_block_v, pallas_gated_delta_rule
 from qwen_jax.parallel.mesh import make_mesh
-from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding
+from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding, param_shardings
 from qwen_jax.train.compile_check import tpu_topology
 
 B, T, H, D = 2, 200, 2, 128  # T = 200: three full chunks of 64 and a partial one
@@ -238,13 +239,20 @@ def test_decode_step_kernel_steps_one_group_of_the_stacked_states():
 
 
 def test_generation_with_pallas_gdn_matches_pure_jax():
-    """Greedy decoding with gdn_impl pallas (the step kernel, interpreted) == with the pure-JAX layer, with two
-    scanned groups and a tail layer."""
+    """Greedy decoding with gdn_impl pallas (the step kernel, interpreted; also in shard_map on a 2 x 2 mesh)
+    == with the pure-JAX layer on one device, with two scanned groups and a tail layer."""
     prompts = [[5, 6, 7, 8], [9, 10]]
-    outs = [generate(Qwen35ForCausalLM(preset("tiny", num_hidden_layers=10, gdn_impl=impl), rngs=nnx.Rngs(0)),
-                     prompts, max_new_tokens=6) for impl in ("jax", "pallas")]
-    np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
-    np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, atol=1e-5)
+    models = [Qwen35ForCausalLM(preset("tiny", num_hidden_layers=10, gdn_impl=impl), rngs=nnx.Rngs(0))
+              for impl in ("jax", "pallas")]
+    mesh = make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
+    graphdef, state = nnx.split(models[1])
+    params = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, jax.device_put(params, param_shardings(params, mesh, DEFAULT_RULES)))
+    expected = generate(models[0], prompts, max_new_tokens=6)
+    for out in (generate(models[1], prompts, max_new_tokens=6),
+                generate(nnx.merge(graphdef, state), prompts, max_new_tokens=6, mesh=mesh)):
+        np.testing.assert_array_equal(out.tokens, expected.tokens)
+        np.testing.assert_allclose(out.logprobs, expected.logprobs, atol=1e-5)
 
 
 def test_decode_step_runs_on_the_whole_stacked_state_and_lowers_to_triton():

@@ -22,7 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 from qwen_jax.ops.pallas.chunk_recurrence import BLOCK_V, NUM_WARPS
 
 
-def step_block(q, k, v, g, beta, state):
+def _step_block(q, k, v, g, beta, state):
     """One value block: q, k [dk, 1], v [1, bv], g, beta scalars, state [dk, bv] f32 -> o [1, bv], new state.
 
     The rule as delta_rule_step arranges it: delta = beta (v - e^g S^T k), S' = e^g S + k delta^T,
@@ -37,7 +37,7 @@ def step_block(q, k, v, g, beta, state):
 def _kernel(group_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, o_ref, new_states_ref, *, block_v):
     row, vb = pl.program_id(0), pl.program_id(1)
     group, cols = group_ref[0], pl.ds(vb * block_v, block_v)
-    o, new_state = step_block(q_ref[row], k_ref[row], v_ref[row, :, cols], g_ref[row], beta_ref[row],
+    o, new_state = _step_block(q_ref[row], k_ref[row], v_ref[row, :, cols], g_ref[row], beta_ref[row],
                               states_ref[group, row, :, cols])
     o_ref[row, :, cols] = o
     new_states_ref[group, row, :, cols] = new_state
