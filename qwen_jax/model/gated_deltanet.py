@@ -35,7 +35,8 @@ def causal_depthwise_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Arra
 
 
 def gdn_method(cfg: ModelConfig) -> str:
-    """The gated delta rule's implementation for multi-token calls: cfg.gdn_impl with "auto" resolved.
+    """The gated delta rule's implementation for multi-token calls: cfg.gdn_impl with "auto" resolved
+    ("pallas" on GPU also takes the decode-step kernel for one-token cached calls).
 
     "auto" takes the Pallas kernels on GPU when their tiling fits the head dims, else the pure-JAX chunked op
     ("pallas" on TPU runs the Mosaic kernels; they have no TPU timings yet, so "auto" leaves TPUs on XLA).
@@ -177,7 +178,7 @@ class GatedDeltaNet(nnx.Module):
         step = functools.partial(pallas_delta_rule_step, interpret=target_platform() != "gpu")
         mesh = active_mesh()
         if mesh is not None and mesh.size > 1:
-            rows, heads = spec_for(("batch", "heads"), v.shape[::2], mesh, active_rules())
+            rows, heads = spec_for(("batch", "heads"), (v.shape[0], v.shape[2]), mesh, active_rules())
             per_head, per_row_head = PartitionSpec(rows, heads, None), PartitionSpec(rows, heads)
             stacked = PartitionSpec(None, rows, heads, None, None)
             step = jax.shard_map(step, mesh=mesh, check_vma=False, out_specs=(per_head, stacked),

@@ -145,7 +145,8 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_
     def step(state, inputs):
         q_t, k_t, v_t, g_t, beta_t, start_t = inputs
         state = jnp.where(start_t[:, None, None, None], 0.0, state)
-        return delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state)[::-1]
+        o_t, state = delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state)
+        return state, o_t
 
     def time_major(x):
         return jnp.moveaxis(x, 1, 0).astype(jnp.float32)
