@@ -18,7 +18,7 @@ from qwen_jax.data import load_or_train_tokenizer, pack_corpus, python_docs_corp
 from qwen_jax.data import unigram_entropy
 from qwen_jax.experiment import load_config
 from qwen_jax.train.loop import run_training
-from qwen_jax.train.metrics import read_metrics
+from qwen_jax.train.metrics import JsonlWriter, read_metrics
 
 SMALL = ["--config.train.batch_size=4", "--config.train.seq_len=64", "--config.train.warmup_steps=5",
          "--config.model.vocab_size=512", "--config.model.hidden_size=64",
@@ -118,6 +118,17 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, one_devic
     assert [row["step"] for row in read_metrics(metrics)] == list(range(1, STEPS + 1))
     resumed = range(STEPS - EVERY + 1, STEPS + 1)
     assert [losses(workdir)[s] for s in resumed] == [losses(uninterrupted)[s] for s in resumed]
+
+
+def test_a_metrics_row_cut_off_mid_write_is_not_read_and_resume_drops_it(tmp_path):
+    """A kill can leave half a row at the end of metrics.jsonl, and a reader can catch a row mid-write."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "learning/loss": 2.5}\n{"step": 2, "learning/loss": 2.4}\n{"step": 3, "learn')
+    assert [row["step"] for row in read_metrics(path)] == [1, 2]
+    writer = JsonlWriter(path, resume_step=1)
+    writer.write({"step": 2, "learning/loss": 2.3})
+    writer.close()
+    assert read_metrics(path) == [{"step": 1, "learning/loss": 2.5}, {"step": 2, "learning/loss": 2.3}]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -62,8 +62,7 @@ class JsonlWriter:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in _finished_lines(self.path) if json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -77,9 +76,15 @@ class JsonlWriter:
         self.file.close()
 
 
+def _finished_lines(path: Path) -> list[str]:
+    """The non-blank lines of a metrics.jsonl that end in a newline: text after the last one is a row still
+    being written, or cut off by a kill, and is not a row yet."""
+    return [line for line in Path(path).read_text().split("\n")[:-1] if line.strip()]
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """All rows of a metrics.jsonl."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All rows of a metrics.jsonl (a last row without its newline is not finished: left out)."""
+    return [json.loads(line) for line in _finished_lines(path)]
 
 
 def plot_curve(rows: list[dict], key: str, path: Path, title: str) -> None:
