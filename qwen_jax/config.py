@@ -410,15 +410,19 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 100
     eval_batches: int = 4
+    profile_steps: int = 0  # trace this many steps into WORKDIR/profile (qwen_jax.train.profiling); 0: none
+    profile_start: int = 3  # the first traced step (metrics' numbers, from 1): past compilation and warm-up
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "ce_chunk", "max_bad_steps",
-                     "log_every", "eval_every", "eval_batches"):
+                     "log_every", "eval_every", "eval_batches", "profile_start"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "profile_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"train.{name} must be an integer >= 0, got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:

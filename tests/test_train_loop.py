@@ -137,6 +137,8 @@ def test_a_metrics_row_cut_off_mid_write_is_not_read_and_resume_drops_it(tmp_pat
     ("--config.model.num_key_value_heads=3", "model.num_attention_heads"),
     ("--config.train.stepz=3", "train.stepz"),
     ("--config.wandb.mode=loud", "wandb.mode"),
+    ("--config.train.profile_steps=-1", "train.profile_steps"),
+    ("--config.train.profile_start=0", "train.profile_start"),
 ])
 def test_bad_config_fails_before_compiling_naming_the_field(override, message, tmp_path, capsys):
     started = time.time()

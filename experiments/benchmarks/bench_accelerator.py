@@ -64,12 +64,13 @@ SETUPS = {
         # The shapes `peer_torch.py kernel` times, so that its lines pair with ours.
         "kernel": {"shapes": [(4, 4096, 16, 128), (1, 16384, 16, 128), (8, 2048, 32, 128)], "warmup": 3,
                    "steps": 10},
-        "train": {"preset": "qwen3.5-0.8b", "seq": 4096, "batches": (2, 4, 8), "warmup": 2, "steps": 6},
+        "train": {"preset": "qwen3.5-0.8b", "seq": 4096, "batches": (2, 4, 8), "warmup": 2, "steps": 6,
+                  "profile_steps": 2},
         "decode": {"preset": "qwen3.5-0.8b", "batch": 64, "prompt": 128, "new": 256, "warmup": 1, "steps": 3},
     },
     "quick": {
         "kernel": {"shapes": [(1, 256, 2, 64)], "warmup": 3, "steps": 10},
-        "train": {"preset": "tiny", "seq": 128, "batches": (2,), "warmup": 1, "steps": 3},
+        "train": {"preset": "tiny", "seq": 128, "batches": (2,), "warmup": 1, "steps": 3, "profile_steps": 2},
         "decode": {"preset": "tiny", "batch": 4, "prompt": 16, "new": 8, "warmup": 1, "steps": 2},
     },
 }
@@ -282,7 +283,7 @@ def bench_train(record, setup, deadline, peer_dir, save):
             record["cases"].append({"batch": batch, "seq": setup["seq"], "skipped": "past the part's budget"})
             break
         case = {**record["model"], "batch": batch, "seq": setup["seq"], "vocab_size": config.vocab_size,
-                "warmup": setup["warmup"], "steps": setup["steps"]}
+                "warmup": setup["warmup"], "steps": setup["steps"], "profile_steps": setup["profile_steps"]}
         result = single(spawn("train", case, seconds_left(deadline)))
         if "median_ms" in result:
             result["tokens_per_s"] = batch * setup["seq"] / (result["median_ms"] / 1e3)
@@ -469,7 +470,22 @@ def train_md(record):
         lines += ["", f"Best of each: ours B{ours_best['batch']} {ours_best['tokens_per_s']:,.0f} tokens/s, peer "
                   f"B{peer_best['batch']} {peer_best['tok_s']:,.0f}: peer time per token / ours = "
                   f"{ours_best['tokens_per_s'] / peer_best['tok_s']:.2f}."]
-    return lines + peer_block(record)
+    profiled = [c for c in record["cases"] if c.get("profile")]
+    return lines + (profile_md(profiled[-1]) if profiled else []) + peer_block(record)
+
+
+def profile_md(case):
+    """Where the largest profiled batch's step time went (qwen_jax.train.profiling's summary): parts, top ops."""
+    p = case["profile"]
+    lines = ["", f"Where ours' step time went, B{case['batch']} x T{case['seq']}: {p['steps']} traced steps after "
+             f"the timed ones, op self time {p['op_ms_per_step']:.1f} ms per step from the {p['events']} trace "
+             f"(wall {fmt(p['wall_ms_per_step'], '.1f')} ms while traced).", "",
+             "| part | ms per step | share |", "|---|---|---|"]
+    lines += [f"| {r['part']} | {r['ms_per_step']:.2f} | {r['share']:.1%} |" for r in p["by_part"]]
+    lines += ["", "| op | kind | part | source | ms per step | calls |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['op']} | {r['kind']} | {r['part']} | {r['source']} | {r['ms_per_step']:.2f} | "
+              f"{r['calls_per_step']:g} |" for r in p["top_ops"]]
+    return lines
 
 
 def decode_md(record):

@@ -27,6 +27,7 @@ import re  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -100,7 +101,26 @@ def run_ours(case):
     result = time_steps(step, sync, case["warmup"], case["steps"])
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_device_bytes"] = stats.get("peak_bytes_in_use")
+    if case.get("profile_steps"):
+        result["profile"] = profile_steps(step, sync, case["profile_steps"],
+                                          lambda: trainer.step_fn.lower(state, batch).compile().as_text())
     return result
+
+
+def profile_steps(step, sync, count, program_text):
+    """Trace `count` more steps (after the timed ones, which the tracing would slow) -> where their time went:
+    qwen_jax.train.profiling's summary, its op list cut to the top 12."""
+    from qwen_jax.train.profiling import StepProfiler
+
+    with tempfile.TemporaryDirectory() as directory:
+        profiler = StepProfiler(Path(directory), 1, count, program_text)
+        for number in range(1, count + 1):
+            profiler.before_step(number)
+            start = time.perf_counter()
+            sync(step())
+            summary = profiler.after_step(number, time.perf_counter() - start)
+    summary["top_ops"] = summary["top_ops"][:12]
+    return summary
 
 
 def run_torch(case):

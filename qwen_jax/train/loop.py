@@ -20,6 +20,7 @@ from qwen_jax.train.datasets import build_run_data
 from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.reporting import WANDB_MODES, RunLogger
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token
+from qwen_jax.train.profiling import StepProfiler
 from qwen_jax.train.step import Trainer, host_layout_for, make_trainer
 
 
@@ -106,13 +107,22 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
     peak = peak_flops()
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+    # Each process traces its own steps; several processes write to directories of their own.
+    profile_dir = workdir / "profile" / (f"process_{jax.process_index()}" if jax.process_count() > 1 else "")
+    # The step's executable is cached by now: lowering and compiling again only looks it up.
+    profiler = StepProfiler(profile_dir, train_cfg.profile_start, train_cfg.profile_steps,
+                            lambda: trainer.step_fn.lower(state, batch).compile().as_text())
 
     for step in range(start, train_cfg.steps):
+        done = step + 1
+        profiler.before_step(done)
         started = time.perf_counter()
-        state, metrics = trainer.step_fn(state, trainer.global_batch(next(iterator)))
+        batch = trainer.global_batch(next(iterator))
+        state, metrics = trainer.step_fn(state, batch)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - started
-        done = step + 1
+        if profiler.after_step(done, elapsed):
+            logger.note(f"profiled steps {train_cfg.profile_start}..{done}: {profile_dir / 'summary.md'}")
         expert_load = metrics.pop("moe/expert_load", [])
         row = {"step": done, **{k: float(v) for k, v in metrics.items() if k != "learning/bad_streak"},
                **{f"moe/expert_load/{layer}": [int(n) for n in load]
@@ -133,6 +143,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                 "parameters were never updated with them")
         if done % config.checkpoint.every_steps == 0 or done == train_cfg.steps:
             checkpointer.save(done, state, iterator.get_state(), {"step": done, "tokens": done * tokens_per_step})
+    profiler.stop()  # the run ended inside the window
     checkpointer.wait()
     checkpointer.close()
     data.close()

@@ -56,6 +56,11 @@ class RunLogger:
         self.progress.set_postfix(postfix, refresh=False)
         self.progress.update(1)
 
+    def note(self, text: str) -> None:
+        """A line of its own above the progress bar (process 0 only)."""
+        if self.main:
+            self.progress.write(text)
+
     def close(self) -> list[dict]:
         """Flush the sinks and draw the curve from the whole metrics.jsonl (resumed runs included)."""
         if self.main:
