@@ -406,6 +406,7 @@ class TrainConfig:
     z_loss: float = 0.0
     moe_aux_loss: float | None = None  # None: the model's router_aux_loss_coef (HF's 0.001)
     ce_chunk: int = 2048
+    opt_state_dtype: str = "float32"  # AdamW's moments between steps ("bfloat16": half their bytes)
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
     log_every: int = 1
     eval_every: int = 100
@@ -427,6 +428,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule is {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.opt_state_dtype not in DTYPES:
+            raise ConfigError(f"train.opt_state_dtype is {self.opt_state_dtype!r}; choose one of {DTYPES}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from qwen_jax.config import TrainConfig
@@ -32,9 +33,24 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def with_state_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` with its floating-point state stored in `dtype` between steps and updated in float32."""
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(lambda params: cast(inner.init(params), dtype), update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the warmup + decay schedule, its moments kept in cfg.opt_state_dtype
+    whatever the params' dtype (optax's own default would follow the params: bf16 with bf16 params)."""
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=weight_decay_mask)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
-        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=weight_decay_mask),
+        with_state_dtype(adamw, jnp.dtype(cfg.opt_state_dtype)),
     )
