@@ -2,12 +2,13 @@
 
 import json
 
+import jax
 import pytest
 
 from qwen_jax.experiment import load_config
 from qwen_jax.train.loop import run_training
 from qwen_jax.train.metrics import read_metrics
-from qwen_jax.train.profiling import op_events, self_times, summarize
+from qwen_jax.train.profiling import StepProfiler, op_events, self_times, summarize
 
 SMALL = ["wandb.mode=disabled", "train.steps=4", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=1",
          "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128", "train.eval_every=1000",
@@ -58,3 +59,15 @@ def test_self_times_take_out_nested_ops_and_the_device_tracks_win():
         ("dot.2", 0.035, 1.0), ("while.1", 0.03, 0.5), ("fusion.4", 0.01, 0.5), ("copy.3", 0.005, 0.5)]
     # Without the step's program, every op is some other program's.
     assert {row["part"] for row in summary["by_part"]} == {"(other programs)"}
+
+
+def test_a_trace_that_cannot_start_leaves_the_steps_untraced(tmp_path):
+    jax.profiler.start_trace(str(tmp_path / "another"))  # only one trace may run at a time
+    try:
+        profiler = StepProfiler(tmp_path / "profile", 1, 2, lambda: None)
+        with pytest.warns(UserWarning, match="could not start the trace"):
+            profiler.before_step(1)
+        assert profiler.after_step(1, 0.1) is None and profiler.after_step(2, 0.1) is None
+        assert profiler.stop() is None and not (tmp_path / "profile" / "summary.json").exists()
+    finally:
+        jax.profiler.stop_trace()

@@ -2,13 +2,16 @@
 
     python experiments/benchmarks/bench_accelerator.py [--parts kernel,train,decode] [--out experiments/results]
         [--quick] [--remat dots_no_batch] [--budget 540] [--merge]
+        [--train-preset qwen3.5-4b --batches 1,2 --param-dtype float32 --opt-state-dtype bfloat16]
 
 Parts, each ours and the peer (`peer_torch.py <kernel|train|gen>` from QWEN_JAX_PEER_DIR, on a GPU only):
   kernel  gated_delta_rule fwd and fwd+bwd at the fla shapes, method "chunked" (pure JAX) and "pallas"
           (on a GPU; elsewhere only with --quick, interpreted); each with its relative error against
           the chunked op on the same inputs in float32.
   train   the qwen3.5-0.8b train step (bf16 compute, fp32 params, --remat) at seq 4096, batch 2, 4, 8
-          until the first OOM; tokens/s, MFU against the datasheet peak and a measured 798 TFLOP/s.
+          until the first OOM; tokens/s, MFU against the datasheet peak and a measured 798 TFLOP/s;
+          then 2 more steps traced, and where their time went (qwen_jax.train.profiling) for the
+          largest batch. Another --train-preset (no peer) writes accelerator_<slug>_<preset>.*.
   decode  generate() at batch 64, prompt 128, 256 new tokens, sampling at temperature 1.
 --quick: tiny shapes and the tiny preset, no peer (a smoke test, e.g. on CPU). Every measurement of
 ours runs in a child process (`--side PART --case JSON`), so that memory and a crash are its own.
@@ -50,7 +53,7 @@ from flax import nnx  # noqa: E402
 from bench_train import RESULT, run_ours, time_steps  # noqa: E402
 from common import REPO, git_commit, guarded, run_peer, write_report  # noqa: E402
 from qwen_jax import Qwen35ForCausalLM, generate, preset  # noqa: E402
-from qwen_jax.config import REMAT_POLICIES  # noqa: E402
+from qwen_jax.config import DTYPES, REMAT_POLICIES  # noqa: E402
 from qwen_jax.ops.delta_rule import gated_delta_rule  # noqa: E402
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token  # noqa: E402
 
@@ -437,7 +440,8 @@ def train_md(record):
     """The train section: ours per batch, the peer per batch, and the largest batches side by side."""
     m = record["model"]
     lines = section_head("Train step", record)
-    lines += [f"`{m['preset']}` {json.dumps(m['overrides'])}, AdamW, random tokens; F = "
+    lines += [f"`{m['preset']}` {json.dumps(m['overrides'])}, AdamW {json.dumps(m.get('train_overrides', {}))}, "
+              "random tokens; F = "
               f"{record['flops_per_token'] / 1e9:.2f} GFLOP/token (qwen_jax.train.metrics.train_flops_per_token); "
               f"MFU against {record['peak_flops'] / 1e12:.3g} TFLOP/s (datasheet) and {MEASURED_PEAK / 1e12:.0f} "
               "(measured). peer/ours = the peer's step time over ours at the same batch (> 1: ours is faster). "
@@ -470,7 +474,7 @@ def train_md(record):
         lines += ["", f"Best of each: ours B{ours_best['batch']} {ours_best['tokens_per_s']:,.0f} tokens/s, peer "
                   f"B{peer_best['batch']} {peer_best['tok_s']:,.0f}: peer time per token / ours = "
                   f"{ours_best['tokens_per_s'] / peer_best['tok_s']:.2f}."]
-    profiled = [c for c in record["cases"] if c.get("profile")]
+    profiled = [c for c in record["cases"] if "op_ms_per_step" in c.get("profile", {})]
     return lines + (profile_md(profiled[-1]) if profiled else []) + peer_block(record)
 
 
@@ -540,6 +544,10 @@ def main():
     parser.add_argument("--out", default=str(REPO / "experiments" / "results"))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, the tiny preset, no peer")
     parser.add_argument("--remat", default="dots_no_batch", choices=REMAT_POLICIES, help="the train part's policy")
+    parser.add_argument("--train-preset", help="the train part's model (default: the 0.8B; the peer runs only that)")
+    parser.add_argument("--batches", help="the train part's batch sizes, comma-separated (default 2,4,8)")
+    parser.add_argument("--param-dtype", default="float32", choices=DTYPES, help="the train part's master weights")
+    parser.add_argument("--opt-state-dtype", default="float32", choices=DTYPES, help="the train part's Adam moments")
     parser.add_argument("--budget", type=float, default=540, metavar="S",
                         help="seconds for all parts, shared kernel:train:decode = 3:5:2 among those run")
     parser.add_argument("--merge", action="store_true", help="keep the other parts of an existing report")
@@ -553,17 +561,22 @@ def main():
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
 
     backend = jax.default_backend()
-    slug = "gpu" if backend == "gpu" else backend
+    slug = ("gpu" if backend == "gpu" else backend) + (f"_{args.train_preset}" if args.train_preset else "")
     out = Path(args.out)
     path = out / f"accelerator_{slug}.json"
     data = json.loads(path.read_text()) if args.merge and path.exists() else {"parts": {}}
-    setups = SETUPS["quick" if args.quick else "full"]
+    setups = dict(SETUPS["quick" if args.quick else "full"])
+    setups["train"] = {**setups["train"], **({"preset": args.train_preset} if args.train_preset else {}),
+                       **({"batches": tuple(map(int, args.batches.split(",")))} if args.batches else {})}
     models = {"train": {"preset": setups["train"]["preset"],
-                        "overrides": {"dtype": "bfloat16", "param_dtype": "float32", "remat": args.remat}},
+                        "overrides": {"dtype": "bfloat16", "param_dtype": args.param_dtype, "remat": args.remat},
+                        "train_overrides": {"opt_state_dtype": args.opt_state_dtype}},
               "decode": {"preset": setups["decode"]["preset"],
                          "overrides": {"dtype": "bfloat16", "param_dtype": "bfloat16"}}}
     # The peer's shapes are the full ones: beside a --quick run its figures would pair with nothing.
     peer_dir = CHILD_ENV.get("QWEN_JAX_PEER_DIR") if backend == "gpu" and not args.quick else None
+    if args.train_preset not in (None, SETUPS["full"]["train"]["preset"]) and "train" in parts:
+        peer_dir = None  # the peer trains the 0.8B shape only: beside another model its lines pair with nothing
     print(f"{jax.devices()[0].device_kind}; parts {parts}; peer from {peer_dir}", flush=True)
 
     start = time.perf_counter()

@@ -80,7 +80,7 @@ def run_ours(case):
     model_config = preset(case["preset"], **case["overrides"])
     # A constant lr, as the peer's plain AdamW: the two loss curves are then comparable.
     train_config = TrainConfig(batch_size=case["batch"], seq_len=case["seq"], lr=3e-4, warmup_steps=0,
-                               schedule="constant")
+                               schedule="constant", **case.get("train_overrides", {}))
     trainer = make_trainer(model_config, train_config, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
     tokens = random_tokens(case)
     ones = np.ones((case["batch"], case["seq"]), np.int32)
@@ -119,6 +119,8 @@ def profile_steps(step, sync, count, program_text):
             start = time.perf_counter()
             sync(step())
             summary = profiler.after_step(number, time.perf_counter() - start)
+    if summary is None:  # the profiler warned why (its stderr is in the report only on an error)
+        return {"error": "no trace summary: the profiler could not trace or summarise"}
     summary["top_ops"] = summary["top_ops"][:12]
     return summary
 

@@ -14,6 +14,7 @@ import collections
 import gzip
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -229,7 +230,11 @@ class StepProfiler:
     def before_step(self, step: int) -> None:
         if self.count and step == self.first:
             self.directory.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.directory))
+            try:
+                jax.profiler.start_trace(str(self.directory))
+            except Exception as error:  # noqa: BLE001 - e.g. a trace already running: the run goes on untraced
+                warnings.warn(f"train.profile_steps: could not start the trace ({error}); the steps run untraced")
+                return
             self.tracing = True
 
     def after_step(self, step: int, step_s: float) -> dict | None:
@@ -245,7 +250,11 @@ class StepProfiler:
             return None
         jax.profiler.stop_trace()
         self.tracing = False
-        summary = summarize(read_trace(self.directory), len(self.step_ms), self.program_text(), self.step_ms)
+        try:
+            summary = summarize(read_trace(self.directory), len(self.step_ms), self.program_text(), self.step_ms)
+        except Exception as error:  # noqa: BLE001 - a summary that cannot be made must not end a run
+            warnings.warn(f"the trace is in {self.directory}, but summarising it failed: {error!r}")
+            return None
         (self.directory / "summary.json").write_text(json.dumps(summary, indent=1))
         (self.directory / "summary.md").write_text(summary_markdown(summary))
         return summary
