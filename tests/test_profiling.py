@@ -1,12 +1,12 @@
 """Profiling a run: the traced steps, and the summary of where their time went."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import pytest
 
-from qwen_jax.experiment import load_config
-from qwen_jax.train.loop import run_training
 from qwen_jax.train.metrics import read_metrics
 from qwen_jax.train.profiling import StepProfiler, op_events, self_times, summarize
 
@@ -16,9 +16,11 @@ SMALL = ["wandb.mode=disabled", "train.steps=4", "train.batch_size=8", "train.se
 
 
 def test_a_profiled_run_says_where_its_step_time_went(tmp_path):
-    rows = run_training(load_config("configs/pretrain_tiny.py", SMALL), tmp_path)
-    steps = [1, 2, 3, 4]
-    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == steps == [r["step"] for r in rows]
+    # Its own process: jax.profiler crashes one that has imported torch, as the parity tests do.
+    subprocess.run([sys.executable, "-m", "qwen_jax.cli", "train", "--config=configs/pretrain_tiny.py",
+                    f"--workdir={tmp_path}", *(f"--config.{override}" for override in SMALL)],
+                   check=True, capture_output=True)
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.trace.json.gz"))
     summary = json.loads((tmp_path / "profile" / "summary.json").read_text())
     assert (summary["steps"], summary["devices"], summary["events"]) == (2, 8, "host")
@@ -61,13 +63,38 @@ def test_self_times_take_out_nested_ops_and_the_device_tracks_win():
     assert {row["part"] for row in summary["by_part"]} == {"(other programs)"}
 
 
-def test_a_trace_that_cannot_start_leaves_the_steps_untraced(tmp_path):
-    jax.profiler.start_trace(str(tmp_path / "another"))  # only one trace may run at a time
-    try:
-        profiler = StepProfiler(tmp_path / "profile", 1, 2, lambda: None)
-        with pytest.warns(UserWarning, match="could not start the trace"):
-            profiler.before_step(1)
-        assert profiler.after_step(1, 0.1) is None and profiler.after_step(2, 0.1) is None
-        assert profiler.stop() is None and not (tmp_path / "profile" / "summary.json").exists()
-    finally:
-        jax.profiler.stop_trace()
+def test_gpu_kernels_that_name_no_hlo_op_are_timed_by_kernel_name():
+    events = [
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 1, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "X", "pid": 2, "tid": 1, "name": "jit_step", "ts": 0, "dur": 100, "args": {}},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "gemm_kernel", "ts": 0, "dur": 30, "args": {}},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "gemm_kernel", "ts": 40, "dur": 30, "args": {}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "launch", "ts": 0, "dur": 5, "args": {"hlo_op": "fusion.1"}},
+    ]
+    where, ops = op_events(events)
+    assert where == "device kernels" and [e["name"] for e in ops] == ["gemm_kernel", "gemm_kernel"]
+    summary = summarize(events, steps=1)
+    assert [(row["op"], row["ms_per_step"]) for row in summary["top_ops"]] == [("gemm_kernel", 0.06)]
+
+
+def test_a_trace_that_cannot_start_leaves_the_steps_untraced(tmp_path, monkeypatch):
+    def already_running(log_dir):
+        raise RuntimeError("Profile has already been started. Only one profile may be run at a time.")
+
+    monkeypatch.setattr(jax.profiler, "start_trace", already_running)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    profiler = StepProfiler(tmp_path / "profile", 1, 2, lambda: None)
+    with pytest.warns(UserWarning, match="could not start the trace"):
+        profiler.before_step(1)
+    assert profiler.after_step(1, 0.1) is None and profiler.after_step(2, 0.1) is None
+    assert profiler.stop() is None and not (tmp_path / "profile" / "summary.json").exists()
+
+
+def test_a_process_that_imported_torch_is_not_traced(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", sys)  # what matters is the name, not the module
+    profiler = StepProfiler(tmp_path / "profile", 1, 1, lambda: None)
+    with pytest.warns(UserWarning, match="imported torch"):
+        profiler.before_step(1)
+    assert not profiler.tracing and profiler.after_step(1, 0.1) is None

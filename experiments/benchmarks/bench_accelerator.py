@@ -10,8 +10,9 @@ Parts, each ours and the peer (`peer_torch.py <kernel|train|gen>` from QWEN_JAX_
           the chunked op on the same inputs in float32.
   train   the qwen3.5-0.8b train step (bf16 compute, fp32 params, --remat) at seq 4096, batch 2, 4, 8
           until the first OOM; tokens/s, MFU against the datasheet peak and a measured 798 TFLOP/s;
-          then 2 more steps traced, and where their time went (qwen_jax.train.profiling) for the
-          largest batch. Another --train-preset (no peer) writes accelerator_<slug>_<preset>.*.
+          then the largest batch once more, in a child that traces 2 steps (XLA's command buffers off
+          on a GPU, so kernels name their HLO op): where its time went (qwen_jax.train.profiling).
+          Another --train-preset (no peer) writes accelerator_<slug>_<preset>.*.
   decode  generate() at batch 64, prompt 128, 256 new tokens, sampling at temperature 1.
 --quick: tiny shapes and the tiny preset, no peer (a smoke test, e.g. on CPU). Every measurement of
 ours runs in a child process (`--side PART --case JSON`), so that memory and a crash are its own.
@@ -191,12 +192,12 @@ def child(side, case):
 # ---------------------------------------------------------------- orchestration
 
 
-def spawn(side, case, timeout_s):
+def spawn(side, case, timeout_s, env=CHILD_ENV):
     """Run `--side side --case JSON` in a fresh interpreter -> {"results", "wall_s"}, + "error" if it did not finish."""
     command = [sys.executable, __file__, "--side", side, "--case", json.dumps(case)]
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
         stdout, stderr = done.stdout, done.stderr
         failure = f"exit {done.returncode}" if done.returncode else None
     except subprocess.TimeoutExpired as e:
@@ -278,6 +279,11 @@ def bench_train(record, setup, deadline, peer_dir, save):
         if "tok_s" in line:  # the peer's model is the 0.8B shape at seq 4096 too: the same F applies
             line.update(utilisation(line["tok_s"], flops_per_token))
     save()
+
+    def case_for(batch, **changes):
+        return {**record["model"], "batch": batch, "seq": setup["seq"], "vocab_size": config.vocab_size,
+                "warmup": setup["warmup"], "steps": setup["steps"], **changes}
+
     previous_wall_s = 0.0
     for batch in setup["batches"]:
         print(f"train B{batch} x T{setup['seq']}", flush=True)
@@ -285,9 +291,7 @@ def bench_train(record, setup, deadline, peer_dir, save):
         if seconds_left(deadline) <= previous_wall_s:
             record["cases"].append({"batch": batch, "seq": setup["seq"], "skipped": "past the part's budget"})
             break
-        case = {**record["model"], "batch": batch, "seq": setup["seq"], "vocab_size": config.vocab_size,
-                "warmup": setup["warmup"], "steps": setup["steps"], "profile_steps": setup["profile_steps"]}
-        result = single(spawn("train", case, seconds_left(deadline)))
+        result = single(spawn("train", case_for(batch), seconds_left(deadline)))
         if "median_ms" in result:
             result["tokens_per_s"] = batch * setup["seq"] / (result["median_ms"] / 1e3)
             result.update(utilisation(result["tokens_per_s"], flops_per_token))
@@ -297,6 +301,24 @@ def bench_train(record, setup, deadline, peer_dir, save):
         if "error" in result:
             break
         previous_wall_s = result["wall_s"]
+    ran = [c for c in record["cases"] if "median_ms" in c]
+    if ran and seconds_left(deadline) > ran[-1]["wall_s"]:
+        case = case_for(ran[-1]["batch"], warmup=1, steps=1, profile_steps=setup["profile_steps"])
+        record["profile"] = profile_train(case, seconds_left(deadline))
+        save()
+
+
+def profile_train(case, timeout_s):
+    """The largest batch that ran, once more in a child that traces `profile_steps` steps -> where their time went.
+
+    Its own child, so that the timed steps keep XLA's defaults: on a GPU this one turns XLA's command buffers
+    off, since kernels replayed from them name no HLO op and the summary could not say which part ran them.
+    """
+    env = CHILD_ENV
+    if jax.default_backend() == "gpu":
+        env = dict(CHILD_ENV, XLA_FLAGS=f"{CHILD_ENV.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip())
+    result = single(spawn("train", case, timeout_s, env))
+    return {"batch": case["batch"], "seq": case["seq"], **result.get("profile", {"error": error_text(result)})}
 
 
 def bench_decode(record, setup, deadline, peer_dir, save):
@@ -474,15 +496,17 @@ def train_md(record):
         lines += ["", f"Best of each: ours B{ours_best['batch']} {ours_best['tokens_per_s']:,.0f} tokens/s, peer "
                   f"B{peer_best['batch']} {peer_best['tok_s']:,.0f}: peer time per token / ours = "
                   f"{ours_best['tokens_per_s'] / peer_best['tok_s']:.2f}."]
-    profiled = [c for c in record["cases"] if "op_ms_per_step" in c.get("profile", {})]
-    return lines + (profile_md(profiled[-1]) if profiled else []) + peer_block(record)
+    return lines + profile_md(record.get("profile")) + peer_block(record)
 
 
-def profile_md(case):
-    """Where the largest profiled batch's step time went (qwen_jax.train.profiling's summary): parts, top ops."""
-    p = case["profile"]
-    lines = ["", f"Where ours' step time went, B{case['batch']} x T{case['seq']}: {p['steps']} traced steps after "
-             f"the timed ones, op self time {p['op_ms_per_step']:.1f} ms per step from the {p['events']} trace "
+def profile_md(p):
+    """Where the largest batch's step time went (qwen_jax.train.profiling's summary): parts, top ops."""
+    if not p:
+        return []
+    if "op_ms_per_step" not in p:
+        return ["", f"Where ours' step time went: no profile ({p.get('error')})."]
+    lines = ["", f"Where ours' step time went, B{p['batch']} x T{p['seq']}: {p['steps']} steps traced in a child "
+             f"of their own, op self time {p['op_ms_per_step']:.1f} ms per step from the {p['events']} trace "
              f"(wall {fmt(p['wall_ms_per_step'], '.1f')} ms while traced).", "",
              "| part | ms per step | share |", "|---|---|---|"]
     lines += [f"| {r['part']} | {r['ms_per_step']:.2f} | {r['share']:.1%} |" for r in p["by_part"]]

@@ -14,6 +14,7 @@ import collections
 import gzip
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -129,13 +130,20 @@ def read_trace(directory: Path) -> list[dict]:
 
 
 def op_events(events: list[dict]) -> tuple[str, list[dict]]:
-    """("device" | "host", the complete events of XLA ops): the device's tracks when they hold any, else the
-    host's (XLA:CPU runs its ops as host thunks)."""
+    """Which events time the ops -> (where, events): "device", the device's op events (GPU kernels, TPU ops,
+    each naming its HLO op); "device kernels", a GPU's kernels that name no HLO op (replayed from XLA's
+    command buffers), by kernel name; else "host", XLA:CPU's thunks (which name their op)."""
     processes = {e["pid"]: e["args"]["name"] for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
-    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
-    device = [e for e in ops if processes.get(e["pid"], "").startswith("/device:")]
-    return ("device", device) if device else ("host", ops)
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    complete = [e for e in events if e.get("ph") == "X"]
+    device = [e for e in complete if processes.get(e["pid"], "").startswith("/device:")]
+    if named := [e for e in device if "hlo_op" in e.get("args", {})]:
+        return "device", named
+    if kernels := [e for e in device if "stream" in threads.get((e["pid"], e.get("tid")), "").lower()]:
+        return "device kernels", kernels
+    return "host", [e for e in complete if "hlo_op" in e.get("args", {})]
 
 
 def self_times(events: list[dict]) -> list[tuple[dict, float]]:
@@ -170,7 +178,7 @@ def summarize(events: list[dict], steps: int, program_text: str | None = None, s
     matched = module in {e["args"].get("hlo_module") for e in ops}
     per_op: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for event, self_us in self_times(ops):
-        key = (event["args"].get("hlo_module", ""), event["args"]["hlo_op"])
+        key = (event["args"].get("hlo_module", ""), event["args"].get("hlo_op", event["name"]))
         per_op[key][0] += self_us
         per_op[key][1] += 1
     rows = []
@@ -206,6 +214,9 @@ def summary_markdown(summary: dict) -> str:
              f"{summary['op_ms_per_step']:.2f} ms per step"
              + (f" (wall, traced: {wall:.2f} ms)" if wall else "")
              + ". Ops that run side by side (XLA:CPU's threads) can add up to more than the wall time.", ""]
+    if summary["events"] == "device kernels":
+        lines += ["The GPU's kernels named no HLO op (XLA's command buffers replay them), so they are listed by "
+                  "kernel name, without parts; `XLA_FLAGS=--xla_gpu_enable_command_buffer=` restores the HLO ops.", ""]
     for title, field in (("By model part", "part"), ("By op kind", "kind")):
         lines += [f"## {title}", "", f"| {field} | ms per step | share |", "|---|---|---|"]
         lines += [f"| {row[field]} | {row['ms_per_step']:.3f} | {row['share']:.1%} |"
@@ -229,6 +240,11 @@ class StepProfiler:
 
     def before_step(self, step: int) -> None:
         if self.count and step == self.first:
+            if "torch" in sys.modules:
+                warnings.warn("train.profile_steps: this process has imported torch, and jax.profiler's trace then "
+                              "crashes it (a segfault, seen with jaxlib 0.10.2 and torch 2.13): the steps run "
+                              "untraced; profile in a process without torch")
+                return
             self.directory.mkdir(parents=True, exist_ok=True)
             try:
                 jax.profiler.start_trace(str(self.directory))
