@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from qwen_jax.config import ConfigError, TrainConfig, preset
@@ -95,24 +96,28 @@ def test_non_finite_gradients_are_skipped_and_counted(single_device):
 
 def test_bf16_optimizer_state_halves_the_moments_and_follows_float32_training(single_device):
     _, initial, params_1, losses_1 = single_device
-    trainer = make_trainer(MODEL, dataclasses.replace(TRAIN, opt_state_dtype="bfloat16"),
-                           make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
+    # On an fsdp mesh: the moments and their rounding key must shard like any optimizer state.
+    trainer = make_trainer(MODEL, dataclasses.replace(TRAIN, opt_state_dtype="bfloat16"), make_mesh({"fsdp": 8}),
+                           DEFAULT_RULES)
     abstract = jax.eval_shape(lambda: trainer.init_state(seed=0))["opt_state"]
     float32_moments = [x for x in jax.tree.leaves(initial["opt_state"]) if np.issubdtype(x.dtype, np.floating)]
     moments = [x for x in jax.tree.leaves(abstract) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert {x.dtype for x in moments} == {jnp.dtype(jnp.bfloat16)}
     assert sum(x.size * x.dtype.itemsize for x in moments) * 2 == sum(x.nbytes for x in float32_moments)
-    # The same initial state with its (zero) moments in bf16, as init_state makes it.
-    state = jax.device_put({**initial, "opt_state": jax.tree.map(lambda x, a: x.astype(a.dtype),
-                                                                 initial["opt_state"], abstract)},
+    # The same initial params, with the bf16 optimizer's own (zero) state.
+    state = jax.device_put({**initial, "opt_state": trainer.optimizer.init(initial["params"])},
                            trainer.state_shardings)
     state, losses = run_two_steps(trainer, state)
-    assert {x.dtype for x in jax.tree.leaves(state["opt_state"])} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int32)}
+    # bf16 moments, int32 step counts and the uint32 key of their stochastic rounding.
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"])} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int32),
+                                                                      jnp.dtype(jnp.uint32)}
     np.testing.assert_allclose(losses, losses_1, rtol=1e-3)
     # Rounded moments move each step by at most a few bf16 ulps of Adam's lr-sized update, but they do move it.
     differences = [np.max(np.abs(np.asarray(got) - want))
                    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params_1))]
     assert 0 < max(differences) < 5e-4, max(differences)
+    moment = optax.tree_utils.tree_get(state["opt_state"], "mu")["groups"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert moment.dtype == jnp.bfloat16 and moment.addressable_shards[0].data.size < moment.size
 
 
 @pytest.mark.parametrize("changes, field", [
