@@ -7,7 +7,7 @@ import optax
 from jax import lax
 
 from qwen_jax.config import TrainConfig
-from qwen_jax.train.optimizer import stochastic_round_bf16, make_optimizer
+from qwen_jax.train.optimizer import make_optimizer, stochastic_round_bf16
 
 
 def test_stochastic_rounding_picks_a_neighbour_with_the_right_odds():

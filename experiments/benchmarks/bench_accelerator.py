@@ -585,7 +585,9 @@ def main():
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
 
     backend = jax.default_backend()
-    slug = ("gpu" if backend == "gpu" else backend) + (f"_{args.train_preset}" if args.train_preset else "")
+    # Another model than the 0.8B: its own report, and no peer (which trains only the 0.8B shape).
+    other_model = args.train_preset not in (None, SETUPS["full"]["train"]["preset"])
+    slug = ("gpu" if backend == "gpu" else backend) + (f"_{args.train_preset}" if other_model else "")
     out = Path(args.out)
     path = out / f"accelerator_{slug}.json"
     data = json.loads(path.read_text()) if args.merge and path.exists() else {"parts": {}}
@@ -599,8 +601,8 @@ def main():
                          "overrides": {"dtype": "bfloat16", "param_dtype": "bfloat16"}}}
     # The peer's shapes are the full ones: beside a --quick run its figures would pair with nothing.
     peer_dir = CHILD_ENV.get("QWEN_JAX_PEER_DIR") if backend == "gpu" and not args.quick else None
-    if args.train_preset not in (None, SETUPS["full"]["train"]["preset"]) and "train" in parts:
-        peer_dir = None  # the peer trains the 0.8B shape only: beside another model its lines pair with nothing
+    if other_model and "train" in parts:
+        peer_dir = None
     print(f"{jax.devices()[0].device_kind}; parts {parts}; peer from {peer_dir}", flush=True)
 
     start = time.perf_counter()
