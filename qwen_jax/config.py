@@ -19,8 +19,8 @@ GDN_SCANS = ("sequential", "associative")
 ARCHITECTURES = ("qwen3_5", "qwen3_next")  # the HF family save_hf writes (weights layout, RoPE)
 MOE_DISPATCHES = ("ragged", "padded")
 ROPE_TYPES = ("yarn",)  # RoPE scalings besides plain RoPE (HF rope_type "default")
-# "auto": cuDNN flash attention on GPU, XLA's attention elsewhere.
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# "auto": cuDNN flash attention on GPU, JAX's splash kernels on TPU (where they tile), XLA's attention elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 # "auto": the Pallas kernel on GPU, the pure-JAX chunked op elsewhere (TPU, CPU).
 GDN_IMPLS = ("auto", "jax", "pallas")
 # HF's names: tanh-approximated GELU (every published tower) and exact GELU.
@@ -177,6 +177,7 @@ class ModelConfig:
     gdn_scan: str = "sequential"
     gdn_impl: str = "auto"
     attention_impl: str = "auto"
+    splash_block: int = 512  # query and key block of the TPU splash kernels (a multiple of 128)
     # "ragged": sort + jax.lax.ragged_dot (simple; the oracle). "padded": per-expert buffers of
     # moe_capacity_factor x the even share, one batched matmul, and a ragged pass for any overflow.
     moe_dispatch: str = "padded"
@@ -238,6 +239,9 @@ class ModelConfig:
             "linear_conv_kernel_dim", "gdn_chunk_size",
         )
         _check_positive("model", self, positive)
+        if not isinstance(self.splash_block, int) or self.splash_block <= 0 or self.splash_block % 128:
+            raise ConfigError(f"model.splash_block must be a positive multiple of 128 (TPU lane tiles), "
+                              f"got {self.splash_block!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "

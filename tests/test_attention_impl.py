@@ -15,9 +15,9 @@ TINY = preset("tiny", vocab_size=300, gdn_chunk_size=16)
 
 
 def attention_impl(cfg) -> str:
-    """The implementation a GatedAttention built from `cfg` settles on."""
-    return GatedAttention(cfg, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                          rngs=nnx.Rngs(0)).implementation
+    """The implementation a GatedAttention built from `cfg` settles on for a 16-token call."""
+    layer = GatedAttention(cfg, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    return layer._implementation(jnp.dtype(cfg.dtype), 16, cached=False)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -31,7 +31,8 @@ def test_explicit_cudnn_on_cpu_fails_at_construction():
 
 
 def test_resolution_on_a_gpu_backend(monkeypatch):
-    """cuDNN only for half precision; float32 compute keeps "auto" on XLA and rejects "cudnn"."""
+    """cuDNN only for half precision; float32 compute keeps "auto" on XLA and rejects "cudnn". Without a
+    mesh the platform is the backend's."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_attention_impl("auto", jnp.bfloat16) == "cudnn"
     assert resolve_attention_impl("auto", jnp.float32) == "xla"

@@ -23,6 +23,19 @@ def test_compile_tiny_with_pallas_kernels_for_a_v5p_topology(capsys):
             "gdr_chunk_terms_tpu") in out
 
 
+@pytest.mark.slow
+def test_compile_takes_splash_attention_for_a_v5p_topology(capsys):
+    """attention_impl auto on a TPU target: libtpu compiles JAX's splash kernels (forward, dq, dkv; with
+    segment ids) in shard_map over rows and the tensor-split heads."""
+    main(["compile", "--config=configs/pretrain_tiny.py", "--topology=v5p:2x2x1", "--config.train.batch_size=4",
+          "--config.train.seq_len=256", "--config.model.head_dim=128", "--config.model.mrope_section=[8,4,4]",
+          "--config.model.splash_block=128", "--config.mesh.tensor=2"])
+    out = capsys.readouterr().out
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 2, 'expert': 1, 'context': 1}" in out  # tiny's own mesh
+    assert ("Pallas kernels: splash_mqa_dkv_segmented_no_residuals, splash_mqa_dq_segmented_no_residuals, "
+            "splash_mqa_fwd_segmented_residuals") in out
+
+
 def test_unknown_topology_is_a_clear_error():
     with pytest.raises(ConfigError, match="v9x:2x2"):
         tpu_topology("v9x:2x2")

@@ -98,3 +98,13 @@ def test_a_process_that_imported_torch_is_not_traced(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="imported torch"):
         profiler.before_step(1)
     assert not profiler.tracing and profiler.after_step(1, 0.1) is None
+
+
+def test_a_run_that_never_reaches_the_window_says_so(tmp_path):
+    """Resumed past train.profile_start, or ending before it: nothing would be traced, and the run says why."""
+    profiler = StepProfiler(tmp_path, 3, 2, lambda: None)
+    assert profiler.missed(1, 10) is None
+    assert profiler.missed(3, 10) is None
+    assert "profile_start is 3, outside the steps this run takes (5..10)" in profiler.missed(5, 10)
+    assert "(1..2)" in profiler.missed(1, 2)
+    assert StepProfiler(tmp_path, 3, 0, lambda: None).missed(5, 10) is None  # profiling off

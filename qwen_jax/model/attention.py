@@ -1,5 +1,7 @@
 """Gated full attention: q/gate split per head, q/k norms, partial mRoPE, GQA, sigmoid output gate."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,8 +13,9 @@ from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import RMSNorm
 from qwen_jax.model.rope import apply_rope
 from qwen_jax.ops.blockwise_attention import blockwise_attention
+from qwen_jax.ops.pallas.splash_attention import splash_attention, splash_supports
 from qwen_jax.parallel.context import AXIS, context_shards
-from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for
+from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for, target_platform
 
 
 def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
@@ -34,17 +37,18 @@ def cached_attention_mask(valid: jax.Array, index: jax.Array, length: int) -> ja
     return ((valid[:, None, :] & causal[None]) | own[None])[:, None]
 
 
-def resolve_attention_impl(impl: str, dtype) -> str:
-    """config.attention_impl ("auto" | "xla" | "cudnn") -> the dot_product_attention implementation
-    for this backend and compute dtype."""
+def resolve_attention_impl(impl: str, dtype, platform: str | None = None) -> str:
+    """config.attention_impl ("auto" | "xla" | "cudnn" | "splash") -> "xla", "cudnn" or "splash" for
+    `platform` (default: where the traced program runs) and the compute dtype."""
+    platform = platform or target_platform()
     # cuDNN's fused attention runs only on NVIDIA GPUs and only on half-precision inputs.
-    cudnn_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    cudnn_ok = platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if impl == "auto":
-        return "cudnn" if cudnn_ok else "xla"
+        return "cudnn" if cudnn_ok else "splash" if platform == "tpu" else "xla"
     if impl == "cudnn" and not cudnn_ok:
         raise ConfigError(
             f"model.attention_impl 'cudnn' needs a GPU backend and a bfloat16/float16 compute dtype, "
-            f"got backend {jax.default_backend()!r} and dtype {jnp.dtype(dtype).name!r}; use 'auto' or 'xla'")
+            f"got backend {platform!r} and dtype {jnp.dtype(dtype).name!r}; use 'auto' or 'xla'")
     return impl
 
 
@@ -53,7 +57,9 @@ class GatedAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
-        self.implementation = resolve_attention_impl(cfg.attention_impl, dtype)
+        resolve_attention_impl(cfg.attention_impl, dtype)  # an impossible choice fails here, not at the first step
+        # Resolved again per call: the platform is the mesh's, known only when the step is traced.
+        self.attention_impl, self.splash_block = cfg.attention_impl, cfg.splash_block
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         # q_proj rows are per-head interleaved [query_h (D); gate_h (D)], hence the 2D per head.
@@ -89,12 +95,45 @@ class GatedAttention(nnx.Module):
         mesh = active_mesh()
         if cache is None and context_shards(mesh) > 1:
             out = self._across_context(q, k, v, segment_ids, mesh)
+        elif (implementation := self._implementation(q.dtype, length, cache is not None)) == "splash":
+            out = self._splash(q, k, v, segment_ids, mesh)
         else:
             # No mask means plain causal rows: is_causal is cuDNN's fast path (~3x the masked kernel).
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                               scale=self.head_dim**-0.5, implementation=self.implementation)
+                                               scale=self.head_dim**-0.5, implementation=implementation)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(out * jax.nn.sigmoid(gate.reshape(out.shape))), cache
+
+    def _implementation(self, dtype, length: int, cached: bool) -> str:
+        """"xla", "cudnn" or "splash" for this call. Splash takes no cache (decode stays on XLA); "auto"
+        falls back to XLA where the kernels cannot tile the call, an explicit "splash" says why."""
+        implementation = resolve_attention_impl(self.attention_impl, dtype)
+        if implementation != "splash":
+            return implementation
+        problem = "a decode cache" if cached else splash_supports(length, self.head_dim, self.splash_block)
+        if problem is None:
+            return "splash"
+        if self.attention_impl == "splash" and not cached:
+            raise ConfigError(f"model.attention_impl 'splash' cannot run this call: {problem} "
+                              f"(model.splash_block {self.splash_block})")
+        return "xla"
+
+    def _splash(self, q, k, v, segment_ids, mesh):
+        """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D] by the splash kernels (the Pallas interpreter
+        off TPU). On a mesh they run in shard_map over rows and heads: XLA cannot partition a kernel call."""
+        attend = functools.partial(splash_attention, scale=self.head_dim**-0.5, block=self.splash_block,
+                                   interpret=target_platform() != "tpu")
+        if mesh is None or mesh.size == 1:
+            return attend(q, k, v, segment_ids)
+        rows, heads = spec_for(("batch", "heads"), (q.shape[0], self.num_kv_heads), mesh, active_rules())
+        per_head = PartitionSpec(rows, None, heads, None)
+        operands, specs = ((q, k, v), (per_head,) * 3)
+        if segment_ids is not None:
+            operands, specs = (*operands, segment_ids), (*specs, PartitionSpec(rows, None))
+        else:
+            attend = functools.partial(attend, segment_ids=None)
+        # check_vma off: the Pallas kernels' output shapes carry no varying-axes type.
+        return jax.shard_map(attend, mesh=mesh, check_vma=False, in_specs=specs, out_specs=per_head)(*operands)
 
     def _across_context(self, q, k, v, segment_ids, mesh):
         """q [B, T, Hq, D], k, v [B, T, Hkv, D], T split over context -> [B, T, Hq, D], split alike.

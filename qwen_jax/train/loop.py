@@ -112,6 +112,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     # The step's executable is cached by now: lowering and compiling again only looks it up.
     profiler = StepProfiler(profile_dir, train_cfg.profile_start, train_cfg.profile_steps,
                             lambda: trainer.step_fn.lower(state, batch).compile().as_text())
+    if missed := profiler.missed(start + 1, train_cfg.steps):
+        logger.note(missed)
 
     for step in range(start, train_cfg.steps):
         done = step + 1

@@ -238,6 +238,14 @@ class StepProfiler:
         self.step_ms: list[float] = []
         self.tracing = False
 
+    def missed(self, first_step: int, last_step: int) -> str | None:
+        """Why a run taking steps first_step .. last_step traces nothing (resumed past the window's start,
+        or ending before it), or None."""
+        if self.count and not first_step <= self.first <= last_step:
+            return (f"train.profile_start is {self.first}, outside the steps this run takes ({first_step}.."
+                    f"{last_step}): no steps are traced")
+        return None
+
     def before_step(self, step: int) -> None:
         if self.count and step == self.first:
             if "torch" in sys.modules:
