@@ -17,7 +17,7 @@ TINY = preset("tiny", vocab_size=300, gdn_chunk_size=16)
 def attention_impl(cfg) -> str:
     """The implementation a GatedAttention built from `cfg` settles on for a 16-token call."""
     layer = GatedAttention(cfg, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    return layer._implementation(jnp.dtype(cfg.dtype), 16, cached=False)
+    return layer._implementation(jnp.dtype(cfg.dtype), 16)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

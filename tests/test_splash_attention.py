@@ -75,13 +75,11 @@ def test_auto_takes_splash_on_a_tpu_target_and_xla_where_it_cannot(monkeypatch):
     monkeypatch.setattr(attention, "target_platform", lambda: "tpu")
     layer = GatedAttention(CONFIG.replace(attention_impl="auto"), dtype=jnp.float32, param_dtype=jnp.float32,
                            rngs=nnx.Rngs(0))
-    assert layer._implementation(jnp.float32, 256, cached=False) == "splash"
-    assert layer._implementation(jnp.float32, 200, cached=False) == "xla"  # 200 is no block multiple
-    assert layer._implementation(jnp.float32, 1, cached=True) == "xla"  # decode keeps its cache on XLA
+    assert layer._implementation(jnp.float32, 256) == "splash"
+    assert layer._implementation(jnp.float32, 200) == "xla"  # 200 is no block multiple
     layer.attention_impl = "splash"
-    assert layer._implementation(jnp.float32, 1, cached=True) == "xla"
     with pytest.raises(ConfigError, match="model.attention_impl 'splash'.*sequence length 200"):
-        layer._implementation(jnp.float32, 200, cached=False)
+        layer._implementation(jnp.float32, 200)
 
 
 def test_splash_block_must_fill_lane_tiles():

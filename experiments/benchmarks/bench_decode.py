@@ -1,6 +1,6 @@
 """Decode throughput: qwen_jax.generate against transformers' generate on the same random model.
 
-    python experiments/benchmarks/bench_decode.py [--quick] [--out experiments/results]
+    python experiments/benchmarks/bench_decode.py [--quick] [--max-length N] [--out experiments/results]
 
 On CPU: a tiny config (fp32, the `tiny` preset's shape at vocab 4096), prompt 64, 32 new tokens,
 batch 1, 16, 64, 256. On a GPU: the Qwen3.5-0.8B shape in bf16, prompt 128, 256 new tokens, batch
@@ -56,6 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batches 1 and 16 only, one repeat")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results"))
+    parser.add_argument("--max-length", type=int, default=0,
+                        help="size our cache for this many columns (a long budget, as RL rollouts size it); "
+                             "transformers' cache grows with the tokens. Writes decode_<device>_max<N>.*")
     args = parser.parse_args()
     device = "gpu" if jax.default_backend() == "gpu" else "cpu"
     shape = GPU if device == "gpu" else CPU
@@ -79,7 +82,7 @@ def main() -> None:
         new = shape["new"]
 
         def run_ours():
-            out = qwen_jax.generate(ours, prompts.tolist(), max_new_tokens=new)
+            out = qwen_jax.generate(ours, prompts.tolist(), max_new_tokens=new, max_length=args.max_length or None)
             jax.block_until_ready(out.tokens)
 
         def run_peer():
@@ -109,9 +112,11 @@ def write(rows, device, shape, args) -> None:
     stamp = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  device=str(jax.devices()[0].device_kind), cpus=os.cpu_count(), versions=versions,
                  commit=git_commit(), quick=args.quick, shape=shape)
-    (out / f"decode_{device}.json").write_text(json.dumps({**stamp, "rows": rows}, indent=2))
+    name = f"decode_{device}" + (f"_max{args.max_length}" if args.max_length else "")
+    (out / f"{name}.json").write_text(json.dumps({**stamp, "max_length": args.max_length, "rows": rows}, indent=2))
+    cache = f"our cache {args.max_length} columns, " if args.max_length else ""
     lines = [f"# Decode throughput on {device} ({stamp['date']})", "",
-             f"{shape['preset']} ({shape['dtype']}), prompt {shape['prompt']}, {shape['new']} new tokens, "
+             f"{shape['preset']} ({shape['dtype']}), prompt {shape['prompt']}, {shape['new']} new tokens, {cache}"
              f"greedy; device {stamp['device']}, {stamp['cpus']} CPUs; "
              + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; commit {stamp['commit']}. "
              "Median of the timed calls after a first call (compile); one call = prefill + all "
@@ -125,7 +130,7 @@ def write(rows, device, shape, args) -> None:
             continue
         lines.append(f"| {row['batch']} | {ours['new_tokens_per_s']:,.0f} | {peer['new_tokens_per_s']:,.0f} | "
                      f"{ours['new_tokens_per_s'] / peer['new_tokens_per_s']:.2f} | {ours['first_call_s']:.1f} |")
-    (out / f"decode_{device}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

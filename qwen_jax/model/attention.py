@@ -13,6 +13,7 @@ from qwen_jax.model.layers import dense
 from qwen_jax.model.norms import RMSNorm
 from qwen_jax.model.rope import apply_rope
 from qwen_jax.ops.blockwise_attention import blockwise_attention
+from qwen_jax.ops.cached_attention import cached_attention
 from qwen_jax.ops.pallas.splash_attention import splash_attention, splash_supports
 from qwen_jax.parallel.context import AXIS, context_shards
 from qwen_jax.parallel.rules import active_mesh, active_rules, spec_for, target_platform
@@ -24,17 +25,6 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
     causal = jnp.tril(jnp.ones((length, length), bool))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal & same)[:, None]
-
-
-def cached_attention_mask(valid: jax.Array, index: jax.Array, length: int) -> jax.Array:
-    """valid [B, S] (columns holding real tokens, the new ones included) -> bool [B, 1, T, S] for
-    T queries at columns index .. index + T - 1: causal over valid keys, and always the query's own
-    column, so a padding query still has one key (no all-masked softmax)."""
-    columns = jnp.arange(valid.shape[1])
-    query_columns = index + jnp.arange(length)
-    causal = columns[None, :] <= query_columns[:, None]
-    own = columns[None, :] == query_columns[:, None]
-    return ((valid[:, None, :] & causal[None]) | own[None])[:, None]
 
 
 def resolve_attention_impl(impl: str, dtype, platform: str | None = None) -> str:
@@ -72,13 +62,14 @@ class GatedAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                  cache: dict | None = None, index: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-        """x [B, T, H], cos/sin [B, T, R], mask bool [B, 1, T, S] or None (plain causal, no cache)
-        -> ([B, T, H], cache).
+                 segment_ids: jax.Array | None = None, valid: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """x [B, T, H], cos/sin [B, T, R], mask bool [B, 1, T, T] or None (plain causal) -> ([B, T, H], cache).
 
-        Without a cache S = T. With one ({"k", "v"}: [B, S, Hkv, D]) the new keys and values are
-        written at columns index .. index + T - 1 and the queries attend over all S columns.
-        On a mesh whose context axis splits T, the mask comes from segment_ids [B, T] instead.
+        With a cache ({"k", "v"}: [B, S, Hkv, D]) the new keys and values are written at columns
+        index .. index + T - 1, and the queries attend over the first index + T columns, the only
+        ones written, as valid [B, S] (columns holding real tokens) allows (ops.cached_attention,
+        whatever attention_impl says; mask unused). On a mesh whose context axis splits T, the mask
+        comes from segment_ids [B, T] instead.
         """
         batch, length, _ = x.shape
         query_and_gate = self.q_proj(x).reshape(batch, length, self.num_heads, 2 * self.head_dim)
@@ -91,29 +82,36 @@ class GatedAttention(nnx.Module):
             group = cache.get("group")  # a scanned layer's keys and values stay stacked [G, B, S, ...]
             cache = {**cache, "k": write_columns(cache["k"], k, index, group),
                      "v": write_columns(cache["v"], v, index, group)}
-            k, v = ((cache[name] if group is None else cache[name][group]).astype(q.dtype) for name in ("k", "v"))
+            # Only the columns written so far are read: a prefill or a decode step costs what its
+            # tokens cost, not what the cache could hold.
+            out = cached_attention(q, cache["k"], cache["v"], valid, index, scale=self.head_dim**-0.5, group=group)
+            return self._output(out, gate), cache
         mesh = active_mesh()
-        if cache is None and context_shards(mesh) > 1:
+        if context_shards(mesh) > 1:
             out = self._across_context(q, k, v, segment_ids, mesh)
-        elif (implementation := self._implementation(q.dtype, length, cache is not None)) == "splash":
+        elif (implementation := self._implementation(q.dtype, length)) == "splash":
             out = self._splash(q, k, v, segment_ids, mesh)
         else:
             # No mask means plain causal rows: is_causal is cuDNN's fast path (~3x the masked kernel).
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
                                                scale=self.head_dim**-0.5, implementation=implementation)
-        out = out.reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(out * jax.nn.sigmoid(gate.reshape(out.shape))), cache
+        return self._output(out, gate), cache
 
-    def _implementation(self, dtype, length: int, cached: bool) -> str:
-        """"xla", "cudnn" or "splash" for this call. Splash takes no cache (decode stays on XLA); "auto"
-        falls back to XLA where the kernels cannot tile the call, an explicit "splash" says why."""
+    def _output(self, out: jax.Array, gate: jax.Array) -> jax.Array:
+        """Attention out and gate [B, T, Hq, D] -> o_proj(out * sigmoid(gate)) [B, T, H]."""
+        out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
+        return self.o_proj(out * jax.nn.sigmoid(gate.reshape(out.shape)))
+
+    def _implementation(self, dtype, length: int) -> str:
+        """"xla", "cudnn" or "splash" for an uncached call of `length` tokens. "auto" falls back to XLA where
+        the splash kernels cannot tile the call, an explicit "splash" says why."""
         implementation = resolve_attention_impl(self.attention_impl, dtype)
         if implementation != "splash":
             return implementation
-        problem = "a decode cache" if cached else splash_supports(length, self.head_dim, self.splash_block)
+        problem = splash_supports(length, self.head_dim, self.splash_block)
         if problem is None:
             return "splash"
-        if self.attention_impl == "splash" and not cached:
+        if self.attention_impl == "splash":
             raise ConfigError(f"model.attention_impl 'splash' cannot run this call: {problem} "
                               f"(model.splash_block {self.splash_block})")
         return "xla"

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from qwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
-from qwen_jax.model.attention import GatedAttention, cached_attention_mask, segment_causal_mask
+from qwen_jax.model.attention import GatedAttention, segment_causal_mask
 from qwen_jax.generate.cache import Cache, init_cache, scanned_view, write_back
 from qwen_jax.model.gated_deltanet import GatedDeltaNet
 from qwen_jax.model.mlp import SwiGLU
@@ -87,13 +87,13 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None,
                  cache: dict | None) -> tuple[jax.Array, dict, dict | None]:
         """h [B, T, H] -> ([B, T, H], MoE stats or {}, updated cache); ctx holds cos/sin, masks,
-        segment ids and the cache column; replay [B, T, k] forces this layer's experts (MoE only)."""
+        segment ids, the cache column and its valid columns; replay [B, T, k] forces this layer's experts (MoE only)."""
         x = self.input_layernorm(h)
         if self.layer_type == LINEAR_ATTENTION:
             x, cache = self.linear_attn(x, ctx["segment_ids"], cache)
         else:
             x, cache = self.self_attn(x, ctx["cos"], ctx["sin"], ctx["mask"], cache, ctx["cache_index"],
-                                      ctx["segment_ids"])
+                                      ctx["segment_ids"], ctx["valid"])
         h = h + x
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoE):
@@ -228,8 +228,9 @@ class Qwen35ForCausalLM(nnx.Module):
                 before = jnp.cumsum(token_mask, axis=1) - token_mask
                 positions = cache.positions[:, None] + before.astype(jnp.int32)
             valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
-            mask = cached_attention_mask(valid, cache.index, input_ids.shape[1])
+            mask = None  # attention masks each block of the cache it reads from `valid`
         else:
+            valid = None
             if positions is None:
                 positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
                              if segment_ids is None else segment_positions(segment_ids))
@@ -240,7 +241,7 @@ class Qwen35ForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
                                 mrope_section=cfg.mrope_section, dtype=jnp.dtype(cfg.dtype),
                                 scaling=cfg.rope_scaling)
-        ctx = {"cos": cos, "sin": sin, "mask": mask, "segment_ids": segment_ids,
+        ctx = {"cos": cos, "sin": sin, "mask": mask, "valid": valid, "segment_ids": segment_ids,
                "token_mask": token_mask, "cache_index": None if cache is None else cache.index}
         period = len(self.group_pattern)
         grouped = self.num_groups * period
