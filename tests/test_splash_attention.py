@@ -2,6 +2,7 @@
 and gradients at the production block size with packed rows, the attention layer on a 2 x 2 mesh in
 shard_map, and how "auto" / "splash" resolve on a TPU target."""
 
+import contextlib
 import functools
 
 import jax
@@ -110,10 +111,8 @@ def test_splash_layer_on_a_mesh_matches_the_xla_layer(with_segments):
             out, _ = nnx.merge(graph, params)(x, cos, sin, mask, segment_ids=ids)
             return jnp.sum(out * out), out
 
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-        if not on_mesh:
-            return step(params, x)[0][1], jax.tree.leaves(step(params, x)[1]), False
-        with activation_sharding(mesh, DEFAULT_RULES):
+        with activation_sharding(mesh, DEFAULT_RULES) if on_mesh else contextlib.nullcontext():
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
             (_, out), grads = step(params, x)
             in_shard_map = "shard_map" in str(step.trace(params, x).jaxpr)
         return out, jax.tree.leaves(grads), in_shard_map
