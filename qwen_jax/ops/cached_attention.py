@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.ops.blockwise_attention import NEGATIVE
+from qwen_jax.ops.blockwise_attention import softmax_block, softmax_result, softmax_start
 
 # Columns per step of the walk: a step reads whole blocks, so a small block wastes little of a short
 # cache's block; a large one takes fewer steps through a long one.
@@ -54,7 +54,6 @@ def cached_attention(q, keys, values, valid, index, *, scale: float, group=None,
         return jax.lax.dynamic_slice(x, (group, 0, start, *zeros), (1, batch, block, *x.shape[3:]))[0]
 
     def step(number, carry):
-        out, running_max, running_sum = carry
         first = number * block
         # The last block may start early (dynamic slices stay inside the array); the columns it
         # shares with the block before are masked out, not counted twice.
@@ -63,19 +62,11 @@ def cached_attention(q, keys, values, valid, index, *, scale: float, group=None,
         k_b, v_b = read(keys, start), read(values, start)
         valid_block = jax.lax.dynamic_slice_in_dim(valid, start, block, axis=1)
         allowed = cached_attention_mask(valid_block, index - start, length)[:, 0] & fresh  # [B, T, block]
-        allowed = allowed[:, :, None, None, :]
         scores = jnp.einsum("bthgd,bshd->bthgs", grouped, k_b, preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed, scores, NEGATIVE)
-        new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
-        weights = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
-        correction = jnp.exp(running_max - new_max)
-        update = jnp.einsum("bthgs,bshd->bthgd", weights.astype(v_b.dtype), v_b, preferred_element_type=jnp.float32)
-        return out * correction[..., None] + update, new_max, running_sum * correction + jnp.sum(weights, axis=-1)
+        return softmax_block(carry, scores, allowed[:, :, None, None, :], v_b)
 
-    start = (jnp.zeros(grouped.shape, jnp.float32), jnp.full(grouped.shape[:-1], NEGATIVE, jnp.float32),
-             jnp.zeros(grouped.shape[:-1], jnp.float32))
     if block == keys_total:  # one block holds the whole cache: no loop to walk
-        out, _, total = step(0, start)
+        carry = step(0, softmax_start(grouped))
     else:
-        out, _, total = jax.lax.fori_loop(0, (index + length + block - 1) // block, step, start)
-    return (out / total[..., None]).reshape(q.shape).astype(q.dtype)
+        carry = jax.lax.fori_loop(0, (index + length + block - 1) // block, step, softmax_start(grouped))
+    return softmax_result(carry).reshape(q.shape).astype(q.dtype)
