@@ -92,14 +92,15 @@ def write_columns(entry: jax.Array, new: jax.Array, column: jax.Array, group: ja
     return jax.lax.dynamic_update_slice(entry, new[None], (group, 0, column) + (0,) * (new.ndim - 2))
 
 
-def shard_cache(cache: Cache, mesh: Mesh, rules) -> Cache:
-    """Place every cache array on `mesh` by the logical-axis `rules` (stacked groups: layers first)."""
-    def place(path, x):
+def cache_shardings(cache: Cache, mesh: Mesh, rules):
+    """The NamedSharding of every cache array (concrete or abstract) on `mesh` by the logical-axis
+    `rules` (stacked groups: layers first)."""
+    def placement(path, x):
         name = getattr(path[-1], "key", None)
         if name in ENTRY_AXES:
             logical = ENTRY_AXES[name]
             logical = (None,) * (x.ndim - len(logical)) + logical  # the stacked-group axis
         else:  # valid [B, S], positions [B], index []
             logical = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
-        return jax.device_put(x, NamedSharding(mesh, spec_for(logical, x.shape, mesh, rules)))
-    return jax.tree_util.tree_map_with_path(place, cache)
+        return NamedSharding(mesh, spec_for(logical, x.shape, mesh, rules))
+    return jax.tree_util.tree_map_with_path(placement, cache)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from qwen_jax.generate.cache import Cache, shard_cache
+from qwen_jax.generate.cache import Cache, cache_shardings
 from qwen_jax.generate.sampling import sample
 from qwen_jax.parallel.rules import DEFAULT_RULES, activation_sharding, hashable_rules
 
@@ -49,8 +48,9 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarra
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seeds: int | Sequence[int] = 0,
              stop_ids: Sequence[int] = (), pad_id: int = 0, cache: Cache | None = None,
-             max_length: int | None = None, mesh=None, rules=DEFAULT_RULES, pixel_values=None,
-             image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> Generation:
+             donate_cache: bool = False, max_length: int | None = None, mesh=None, rules=DEFAULT_RULES,
+             pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+             video_grid_thw=None) -> Generation:
     """Sample up to max_new_tokens after each prompt (token lists of any lengths).
 
     Prompts with images hold each image's `<vision_start> <image_pad> x n <vision_end>` block, and
@@ -60,8 +60,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     way: pixel_values_videos / video_grid_thw, each temporal patch's block after its timestamp.
 
     With `cache` (an earlier Generation's), the prompts are appended to those rows (an environment's
-    reply, say) and nothing before them is recomputed. max_length (prompt + new tokens, default just
-    enough) sizes a fresh cache; leave room there for later turns. With a `mesh`, the cache and the
+    reply, say) and nothing before them is recomputed. donate_cache=True lets the returned cache take
+    over that cache's buffers (no copy of it; it cannot be used afterwards). max_length (prompt + new
+    tokens, default just enough) sizes a fresh cache; leave room there for later turns. With a `mesh`, the cache and the
     activations are sharded by the logical-axis `rules`, as in training (rows over the batch axes,
     heads over `tensor`); the model's params keep the placement they have.
     """
@@ -69,13 +70,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     ids, segments = right_pad(prompts, pad_id)
     batch = ids.shape[0]
-    if cache is None:
-        cache = model.init_cache(batch, max_length or ids.shape[1] + max_new_tokens)
-        if mesh is not None:
-            cache = shard_cache(cache, mesh, rules)
-    needed = int(cache.index) + ids.shape[1] + max_new_tokens
-    if needed > cache.max_length:
-        raise ValueError(f"the cache holds {cache.max_length} columns but this call needs {needed} "
+    # A fresh cache is created inside the compiled call, so no zeroed [B, S, ...] buffers are built
+    # and then copied into the decode loop (an argument that is not donated must be copied).
+    columns = cache.max_length if cache is not None else max_length or ids.shape[1] + max_new_tokens
+    needed = (0 if cache is None else int(cache.index)) + ids.shape[1] + max_new_tokens
+    if needed > columns:
+        raise ValueError(f"the cache holds {columns} columns but this call needs {needed} "
                          "(max_length too small for prompt + max_new_tokens)")
     seeds = [seeds] * batch if isinstance(seeds, int) else list(seeds)
     if len(seeds) != batch:
@@ -86,22 +86,31 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     pixels = {name: jnp.asarray(value, jnp.int32 if "grid" in name else None)
               for name, value in given.items() if value is not None}
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(segments), cache, keys,
-                     jnp.asarray(list(stop_ids) or [-1], jnp.int32), pixels,
-                     max_new_tokens=max_new_tokens,
-                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), pad_id=pad_id,
-                     mesh=mesh, rules=hashable_rules(rules))
+    run = _generate_donating if donate_cache and cache is not None else _generate
+    return run(graphdef, state, jnp.asarray(ids), jnp.asarray(segments), cache, keys,
+               jnp.asarray(list(stop_ids) or [-1], jnp.int32), pixels, max_new_tokens=max_new_tokens,
+               max_length=columns, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+               pad_id=pad_id, mesh=mesh, rules=hashable_rules(rules))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
-                                              "top_p", "pad_id", "mesh", "rules"))
-def _generate(graphdef, state, ids, segments, cache, keys, stop_ids, pixels, *, max_new_tokens,
-              temperature, top_k, top_p, pad_id, mesh, rules):
-    """Prefill, then the while_loop of sample-and-feed steps."""
+def _generate_call(graphdef, state, ids, segments, cache, keys, stop_ids, pixels, *, max_new_tokens,
+                   max_length, temperature, top_k, top_p, pad_id, mesh, rules):
+    """Prefill, then the while_loop of sample-and-feed steps; cache None: a fresh one of max_length."""
+    model = nnx.merge(graphdef, state)
+    if cache is None:
+        cache = model.init_cache(ids.shape[0], max_length)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh, rules))
     # Entered while tracing, so the sharding constraints are part of this compiled program.
     with contextlib.nullcontext() if mesh is None else activation_sharding(mesh, rules):
-        return _decode(nnx.merge(graphdef, state), ids, segments, cache, keys, stop_ids, pixels,
+        return _decode(model, ids, segments, cache, keys, stop_ids, pixels,
                        max_new_tokens, temperature, top_k, top_p, pad_id)
+
+
+_STATIC = ("graphdef", "max_new_tokens", "max_length", "temperature", "top_k", "top_p", "pad_id", "mesh",
+           "rules")
+_generate = jax.jit(_generate_call, static_argnames=_STATIC)
+_generate_donating = jax.jit(_generate_call, static_argnames=_STATIC, donate_argnames="cache")
 
 
 def _decode(model, ids, segments, cache, keys, stop_ids, pixels, max_new_tokens, temperature, top_k,

@@ -80,8 +80,8 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
         out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                        seeds=[(sample_seed * 7919 + turn * count + row) % 2**32
                               for row in range(count)],
-                       stop_ids=stop_ids, pad_id=pad_id, cache=cache, max_length=max_length,
-                       mesh=mesh, rules=rules)
+                       stop_ids=stop_ids, pad_id=pad_id, cache=cache, donate_cache=True,
+                       max_length=max_length, mesh=mesh, rules=rules)
         if routing is not None:
             _keep_routing(routing, out, used, starts, np.flatnonzero(running))
         cache = out.cache
