@@ -8,8 +8,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from qwen_jax.config import ConfigError
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+END_OF_TURN = "<|im_end|>"  # in Qwen's own tokenizer, not in the ones trained here
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)  # in id order: eos is 0, pad is 1
 
 
@@ -32,20 +35,37 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int,
     return tokenizer
 
 
-def load_or_train_tokenizer(path: Path, texts: list[str], vocab_size: int,
-                            extra_special_tokens: tuple[str, ...] = ()) -> Tokenizer:
-    """Load `path` if it exists, else train on `texts` and save it there atomically (tmp + rename)."""
+def load_or_train_tokenizer(path: Path, texts, vocab_size: int, extra_special_tokens: tuple[str, ...] = (),
+                            source: Path | None = None) -> Tokenizer:
+    """Load `path` if it exists; else copy `source` (a tokenizer.json: init_from's) there, or train on
+    `texts` (a list, or a function giving one) and save it there; atomically (tmp + rename)."""
     path = Path(path)
     if path.exists():
         return Tokenizer.from_file(str(path))
-    tokenizer = train_bpe_tokenizer(texts, vocab_size, extra_special_tokens)
+    if source is not None:
+        tokenizer = Tokenizer.from_file(str(source))
+        _check_copied(tokenizer, source, vocab_size, extra_special_tokens)
+        text = Path(source).read_text(encoding="utf-8")  # the file as it is
+    else:
+        tokenizer = train_bpe_tokenizer(texts() if callable(texts) else texts, vocab_size, extra_special_tokens)
+        text = tokenizer.to_str()
     path.parent.mkdir(parents=True, exist_ok=True)
     # A crash mid-write must not leave a truncated tokenizer.json that a resumed run would load.
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False,
                                      encoding="utf-8") as tmp:
-        tmp.write(tokenizer.to_str())
+        tmp.write(text)
     os.replace(tmp.name, path)
     return tokenizer
+
+
+def _check_copied(tokenizer: Tokenizer, source: Path, vocab_size: int, needed: tuple[str, ...]) -> None:
+    """A tokenizer taken as it is must fit the model's vocab and hold the tokens the run uses."""
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ConfigError(f"{source} has {tokenizer.get_vocab_size()} token ids, more than "
+                          f"model.vocab_size {vocab_size}")
+    missing = [token for token in (EOS_TOKEN, *needed) if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise ConfigError(f"{source} has no {missing} token(s), which this run needs")
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
@@ -54,5 +74,14 @@ def eos_id(tokenizer: Tokenizer) -> int:
 
 
 def pad_id(tokenizer: Tokenizer) -> int:
-    """Id of `<|pad|>`, filling the unused tail of the last packed row."""
-    return tokenizer.token_to_id(PAD_TOKEN)
+    """Id of `<|pad|>`, filling the unused tail of the last packed row; a tokenizer without one (Qwen's own)
+    pads with `<|endoftext|>`, as its model config says (padding is masked out either way)."""
+    padding = tokenizer.token_to_id(PAD_TOKEN)
+    return eos_id(tokenizer) if padding is None else padding
+
+
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """Where a sampled reply ends: `<|endoftext|>`, and `<|im_end|>` (the end of a chat turn) where the
+    tokenizer has one; Qwen3.5's generation_config.json stops at the same two."""
+    return [tokenizer.token_to_id(token) for token in (END_OF_TURN, EOS_TOKEN)
+            if tokenizer.token_to_id(token) is not None]

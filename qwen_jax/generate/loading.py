@@ -18,8 +18,8 @@ def _ids(value) -> list[int]:
 
 def load_for_generation(path: str | Path):
     """DIR -> (model, tokenizer, stop ids). HF dirs stop at generation_config.json's eos ids (else
-    config.json's); workdirs at their tokenizer's end-of-text token."""
-    from qwen_jax.data.tokenizer import eos_id
+    config.json's); workdirs at their tokenizer's end of text (and `<|im_end|>` where it has one)."""
+    from qwen_jax.data.tokenizer import stop_ids
     from qwen_jax.interop.hf import load_hf
 
     path = Path(path)
@@ -37,7 +37,7 @@ def load_for_generation(path: str | Path):
     source = json.loads(generation.read_text()) if generation.exists() else config
     stop = _ids(source.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id")))
     tokenizer = _tokenizer(path)
-    return model, tokenizer, stop or _ids(eos_id(tokenizer))
+    return model, tokenizer, stop or stop_ids(tokenizer)
 
 
 def _tokenizer(path: Path) -> Tokenizer:
@@ -51,7 +51,7 @@ def _load_workdir(workdir: Path, step_dir: Path | None):
     """The params of `step_dir` (default: the newest complete step) with the run's model config."""
     import orbax.checkpoint as ocp
 
-    from qwen_jax.data.tokenizer import eos_id
+    from qwen_jax.data.tokenizer import stop_ids
     from qwen_jax.model.decoder import Qwen35ForCausalLM
 
     if step_dir is None:
@@ -67,4 +67,4 @@ def _load_workdir(workdir: Path, step_dir: Path | None):
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, params)
     tokenizer = _tokenizer(workdir)
-    return nnx.merge(graphdef, state), tokenizer, _ids(eos_id(tokenizer))
+    return nnx.merge(graphdef, state), tokenizer, stop_ids(tokenizer)

@@ -1,4 +1,9 @@
-"""`qwen-jax rl`: warm-up -> (rollout -> rewards -> advantages -> updates) x steps, resumable.
+"""`qwen-jax rl`: init_from and/or warm-up -> (rollout -> rewards -> advantages -> updates) x steps,
+resumable.
+
+A run starts from `init_from` (an HF directory, a `qwen-jax convert` directory or a checkpoint step;
+its tokenizer too, where it has one) or from fresh params; rl.warmup_steps supervised steps on the
+task's demonstrations come first (0: none).
 
 Every step plays `groups` prompts `group_size` times each in the EnvPool, turns the episode rewards
 into advantages per group, scores the episodes with the current policy (the ratio's denominator),
@@ -26,8 +31,9 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.config import ConfigError, TrainConfig
-from qwen_jax.data.tokenizer import eos_id, load_or_train_tokenizer, pad_id
+from qwen_jax.data.tokenizer import load_or_train_tokenizer, pad_id, stop_ids
 from qwen_jax.experiment import model_config
+from qwen_jax.interop.init_from import load_init_params, tokenizer_file
 from qwen_jax.rl.advantages import compute_advantages
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import hashable_rules
@@ -120,7 +126,7 @@ def step_seeds(rl: RLConfig, step: int) -> list[int]:
 def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConfig, step: int,
                  seed: int):
     """One RL step; -> (new state, metrics row)."""
-    stop, padding = [eos_id(tokenizer)], pad_id(tokenizer)
+    stop, padding = stop_ids(tokenizer), pad_id(tokenizer)
     started = time.perf_counter()
     policy = nnx.merge(learner.graphdef, state["params"])
     episodes = play_episodes(policy, tokenizer, pool, step_seeds(rl, step),
@@ -185,7 +191,7 @@ def greedy_accuracy(params, learner: Learner, tokenizer, rl: RLConfig) -> float:
             nnx.merge(learner.graphdef, params), tokenizer, pool,
             [EVAL_SEED_BASE + i for i in range(rl.eval_prompts)], max_new_tokens=rl.max_new_tokens,
             max_turns=rl.max_turns, max_length=rl.max_length, temperature=0.0, sample_seed=0,
-            stop_ids=[eos_id(tokenizer)], pad_id=pad_id(tokenizer), mesh=learner.mesh,
+            stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer), mesh=learner.mesh,
             rules=learner.rules)
     return float(episodes.rewards.mean())
 
@@ -198,9 +204,9 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     model_cfg = model_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     env = make_env(rl.env, **rl.env_kwargs)
-    tokenizer = load_or_train_tokenizer(workdir / "tokenizer.json",
-                                        [text for text, _ in demonstrations(env, range(4000))],
-                                        model_cfg.vocab_size)
+    tokenizer = load_or_train_tokenizer(
+        workdir / "tokenizer.json", lambda: [text for text, _ in demonstrations(env, range(4000))],
+        model_cfg.vocab_size, source=tokenizer_file(config.init_from) if config.init_from else None)
     graphdef, shapes = abstract_params(model_cfg)
     optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
                                            steps=rl.steps * rl.minibatches, weight_decay=0.0))
@@ -223,7 +229,14 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
         print(f"resumed from step {start}", flush=True)
     else:
         start = 0
-        params = supervised_warmup(model_cfg, env, tokenizer, rl, seed=config.seed)
+        params = None
+        if config.init_from:
+            # Placed as the state's where RL starts from them; unplaced where the warm-up (on this
+            # host's first device) trains them first.
+            target = shapes if rl.warmup_steps else abstract_like(shapes, shardings["params"])
+            params = load_init_params(config.init_from, target, model_cfg.param_dtype)
+        if params is None or rl.warmup_steps:
+            params = supervised_warmup(model_cfg, env, tokenizer, rl, seed=config.seed, params=params)
         # Placed as a restored state is, so a resumed run runs the very programs an uninterrupted
         # one compiled (and finds them in a compilation cache).
         state = jax.jit(fresh_state, out_shardings=shardings)(params)

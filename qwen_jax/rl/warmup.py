@@ -1,5 +1,5 @@
-"""A short supervised warm-up on the task's own demonstrations, so a policy trained from scratch
-starts RL with a reward it can climb from (no pretrained weights can be downloaded here)."""
+"""A short supervised warm-up on the task's own demonstrations, so a policy trained from scratch (or
+a pretrained one new to the task's format) starts RL with a reward it can climb from."""
 
 from __future__ import annotations
 
@@ -50,15 +50,15 @@ def demonstration_batch(pairs, tokenizer: Tokenizer, seq_len: int) -> dict[str, 
     return batch
 
 
-def supervised_warmup(model_cfg: ModelConfig, env, tokenizer: Tokenizer, rl, *, seed: int):
-    """Fresh params from `seed`, trained rl.warmup_steps steps on demonstrations (none: as drawn)."""
+def supervised_warmup(model_cfg: ModelConfig, env, tokenizer: Tokenizer, rl, *, seed: int, params=None):
+    """`params` (default: fresh ones from `seed`) trained rl.warmup_steps steps on demonstrations."""
     steps = max(rl.warmup_steps, 1)
     train = TrainConfig(steps=steps, batch_size=rl.warmup_batch_size, seq_len=rl.max_length,
                         lr=rl.warmup_lr, warmup_steps=min(10, steps - 1))
     # This host's first device: every host trains the same tiny policy the same way.
     trainer = make_trainer(model_cfg, train, make_mesh({"data": 1}, jax.local_devices()[:1]),
                            DEFAULT_RULES)
-    state = trainer.init_state(seed)
+    state = trainer.init_state(seed, params)
     for step in range(rl.warmup_steps):
         first = WARMUP_SEED_BASE + step * rl.warmup_batch_size
         pairs = demonstrations(env, range(first, first + rl.warmup_batch_size))

@@ -34,6 +34,7 @@ from qwen_jax.data import (
     sample_photo_records,
     split_documents,
 )
+from qwen_jax.interop.init_from import tokenizer_file
 
 DATA_KINDS = ("text", "image_text")
 BUILT_IN_IMAGES = ("digits", "photos")
@@ -124,15 +125,17 @@ def load_records(field: str, sources, images: ImageProcessorConfig, videos: Vide
 
 def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: ModelConfig,
                    train_cfg: TrainConfig, *, process_index: int, process_count: int) -> RunData:
-    """Tokenizer (trained once, kept in workdir), packed corpora, iterator and eval batches."""
+    """Tokenizer (init_from's, or trained once; kept in workdir), packed corpora, iterator and eval batches."""
     data = data_config(config)
     hosts = dict(process_index=process_index, process_count=process_count)
     train_docs, held_out_docs = split_documents(python_docs_corpus(), seed=0)
     images = data.kind == "image_text"
-    # The vision tokens are special tokens of the run's own tokenizer, inside the model's vocab.
+    # The vision tokens are special tokens of the run's tokenizer, inside the model's vocab. A run
+    # from init_from takes that source's tokenizer where it has one.
     tokenizer = load_or_train_tokenizer(
         workdir / "tokenizer.json", train_docs, model_cfg.vocab_size,
-        tuple(VISION_TOKENS.values()) if images else ())
+        tuple(VISION_TOKENS.values()) if images else (),
+        source=tokenizer_file(config.init_from) if config.get("init_from") else None)
     if not images:
         train = pack_corpus(tokenizer, train_docs, seq_len=train_cfg.seq_len)
         held_out = pack_corpus(tokenizer, held_out_docs, seq_len=train_cfg.seq_len)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import jax
 import ml_collections
-from flax import nnx
 
 from qwen_jax.config import ConfigError
 from qwen_jax.experiment import model_config, train_config
+from qwen_jax.interop.init_from import load_init_params
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.checkpoint import Checkpointer, abstract_like
@@ -30,33 +30,6 @@ class TrainingError(RuntimeError):
 
 def rules_from_config(config: ml_collections.ConfigDict):
     return tuple(tuple(rule) for rule in config.get("logical_axis_rules", DEFAULT_RULES))
-
-
-def _init_params(path: str, trainer: Trainer, abstract_state):
-    """Params only (fresh optimizer) from an HF dir, a `qwen-jax convert` dir or a train checkpoint."""
-    from qwen_jax.interop.hf import load_hf
-    from qwen_jax.interop.native import CONFIG_FILE, load_model
-
-    source = Path(path)
-    if (source / "config.json").exists():
-        model = load_hf(source, dtype=trainer.model_config.param_dtype)
-    elif (source / CONFIG_FILE).exists():
-        model = load_model(source)
-    elif (source / "state").is_dir():
-        import orbax.checkpoint as ocp
-
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(source.absolute() / "state", abstract_state)["params"]
-    else:
-        raise ConfigError(f"init_from={path!r} is neither an HF directory, a qwen-jax model directory "
-                          "nor a checkpoint step directory")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    expected = jax.tree.leaves(abstract_state["params"])
-    for (key, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], expected):
-        if got.shape != want.shape:
-            raise ConfigError(f"init_from {path}: parameter {jax.tree_util.keystr(key)} has shape "
-                              f"{got.shape}, the configured model expects {want.shape}")
-    return params
 
 
 def check_run_fields(config: ml_collections.ConfigDict) -> None:
@@ -94,7 +67,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         data.iterator.set_state(data_state)
     else:
         start = 0
-        params = _init_params(config.init_from, trainer, abstract_state) if config.init_from else None
+        params = (load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype)
+                  if config.init_from else None)
         state = trainer.init_state(config.seed, params)
     iterator, eval_batches, skipped = data.iterator, data.eval_batches, data.skipped
 

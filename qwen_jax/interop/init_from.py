@@ -1,0 +1,68 @@
+"""`init_from`: the params, and the tokenizer, a train or RL run starts from. A source is an HF
+directory, a `qwen-jax convert` directory, or a checkpoint step of a train or RL run
+(WORKDIR/checkpoints/<step>, whose run kept its tokenizer in WORKDIR)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from qwen_jax.config import ConfigError
+
+SOURCES = ("an HF directory", "a `qwen-jax convert` directory", "a checkpoint step directory")
+
+
+def source_kind(path: str | Path) -> str:
+    """'hf', 'native' or 'checkpoint'; anything else raises a ConfigError naming the path."""
+    from qwen_jax.interop.native import CONFIG_FILE
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / CONFIG_FILE).exists():
+        return "native"
+    if (path / "state").is_dir():
+        return "checkpoint"
+    raise ConfigError(f"init_from={str(path)!r} is neither {', '.join(SOURCES[:-1])} nor {SOURCES[-1]}")
+
+
+def load_init_params(path: str | Path, abstract_params: dict, param_dtype) -> dict:
+    """The params of `path` as a pure dict, each checked against abstract_params' (ShapeDtypeStructs,
+    sharded or not) shape. A checkpoint gives its params only: its optimizer state is not read."""
+    from qwen_jax.interop.hf import load_hf
+    from qwen_jax.interop.native import load_model
+
+    path, kind = Path(path), source_kind(path)
+    if kind == "checkpoint":
+        params = _restore_params(path / "state", abstract_params)
+    else:
+        model = load_hf(path, dtype=param_dtype) if kind == "hf" else load_model(path)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    expected = dict(jax.tree_util.tree_flatten_with_path(abstract_params)[0])
+    for key, got in jax.tree_util.tree_flatten_with_path(params)[0]:
+        want = expected.get(key)
+        if want is None or got.shape != want.shape:
+            wanted = "no such parameter" if want is None else f"the configured model expects {want.shape}"
+            raise ConfigError(f"init_from {path}: parameter {jax.tree_util.keystr(key)} has shape "
+                              f"{got.shape}; {wanted}")
+    return params
+
+
+def _restore_params(state_dir: Path, abstract_params: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        state = checkpointer.restore(state_dir.absolute(), args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args},
+            partial_restore=True))
+    return state["params"]
+
+
+def tokenizer_file(path: str | Path) -> Path | None:
+    """The source's tokenizer.json (a checkpoint step's: its run's), or None where it has none."""
+    path = Path(path)
+    file = (path.parent.parent if source_kind(path) == "checkpoint" else path) / "tokenizer.json"
+    return file if file.exists() else None

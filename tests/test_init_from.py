@@ -1,0 +1,121 @@
+"""`init_from` for RL and pretraining: a run starts from an HF directory's (or a checkpoint step's)
+params and takes its tokenizer, including one shaped like Qwen's own (no pad token, `<|im_end|>`)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from qwen_jax import Qwen35ForCausalLM, save_hf
+from qwen_jax.config import ConfigError
+from qwen_jax.data.tokenizer import load_or_train_tokenizer, pad_id, stop_ids
+from qwen_jax.experiment import load_config, model_config
+from qwen_jax.rl.envs import make_env
+from qwen_jax.rl.loop import run_rl
+from qwen_jax.rl.warmup import demonstrations
+from qwen_jax.train.loop import run_training
+from test_rl_loop import params_at
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order; it has no <|pad|>
+RL_OVERRIDES = ["wandb.mode=disabled", "model.hidden_size=64", "model.intermediate_size=128",
+                "model.num_hidden_layers=2", "rl.warmup_steps=0", "rl.groups=2", "rl.group_size=8",
+                "rl.max_new_tokens=3", "rl.max_length=24", "rl.eval_prompts=4", "rl.steps=1",
+                # An update too small to move a float32 weight: the saved params are the start's.
+                "rl.lr=1e-30"]
+
+
+def qwen_like_tokenizer(texts, vocab_size) -> Tokenizer:
+    """Byte-level BPE with Qwen's special tokens (no `<|pad|>`)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_policy(tmp_path_factory):
+    """An HF directory: a random policy of rl_tiny's shape (seed 7, not the run's 0) and its tokenizer."""
+    directory = tmp_path_factory.mktemp("hf_policy")
+    config = load_config("configs/rl_tiny.py", RL_OVERRIDES)
+    model = Qwen35ForCausalLM(model_config(config), rngs=nnx.Rngs(7))
+    save_hf(model, directory)
+    texts = [prompt + answer for prompt, answer in demonstrations(make_env("arithmetic"), range(500))]
+    qwen_like_tokenizer(texts, config.model.vocab_size).save(str(directory / "tokenizer.json"))
+    return directory, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def assert_params_equal(got, want):
+    for (key, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12,
+                                   err_msg=jax.tree_util.keystr(key))
+
+
+def test_qwen_like_tokenizer_pads_with_end_of_text_and_stops_at_im_end(hf_policy):
+    tokenizer = Tokenizer.from_file(str(hf_policy[0] / "tokenizer.json"))
+    assert pad_id(tokenizer) == tokenizer.token_to_id("<|endoftext|>") == 0
+    assert stop_ids(tokenizer) == [tokenizer.token_to_id("<|im_end|>"), 0] == [2, 0]
+
+
+@pytest.mark.slow
+def test_rl_starts_from_an_hf_directory_then_from_a_checkpoint_step(hf_policy, tmp_path):
+    directory, params = hf_policy
+    first, second = tmp_path / "from_hf", tmp_path / "from_checkpoint"
+    rows = run_rl(load_config("configs/rl_tiny.py", RL_OVERRIDES + [f"init_from={directory}"]), first)
+    assert np.isfinite(rows[0]["actor/pg_loss"]) and rows[0]["actor/logprob_mismatch"] < 1e-4
+    assert_params_equal(params_at(first, 1), params)
+    assert (first / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
+    # A checkpoint step of that run: its params (not its optimizer state), its run's tokenizer.
+    run_rl(load_config("configs/rl_tiny.py", RL_OVERRIDES + [f"init_from={first / 'checkpoints' / '1'}"]),
+           second)
+    assert_params_equal(params_at(second, 1), params)
+    assert (second / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
+
+
+@pytest.mark.slow
+def test_pretraining_from_an_hf_directory_takes_its_tokenizer(tmp_path):
+    overrides = ["wandb.mode=disabled", "train.steps=1", "train.eval_every=1", "train.batch_size=8",
+                 "train.seq_len=64", "model.vocab_size=512"]
+    config = load_config("configs/pretrain_tiny.py", overrides)
+    source = tmp_path / "hf"
+    save_hf(Qwen35ForCausalLM(model_config(config), rngs=nnx.Rngs(7)), source)
+    texts = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n"] * 50
+    qwen_like_tokenizer(texts, 512).save(str(source / "tokenizer.json"))
+    config = load_config("configs/pretrain_tiny.py", overrides + [f"init_from={source}"])
+    rows = run_training(config, tmp_path / "run")
+    assert np.isfinite(rows[-1]["learning/loss"])
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+
+
+def test_a_tokenizer_that_does_not_fit_the_run_is_named(hf_policy, tmp_path):
+    source = hf_policy[0] / "tokenizer.json"
+    with pytest.raises(ConfigError, match=r"tokenizer.json has 384 token ids, more than model.vocab_size 300"):
+        load_or_train_tokenizer(tmp_path / "a.json", [], 300, source=source)
+    with pytest.raises(ConfigError, match=r"has no \['<\|image_pad\|>'\] token"):
+        load_or_train_tokenizer(tmp_path / "b.json", [], 384, ("<|image_pad|>",), source=source)
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_init_from_with_a_parameter_of_another_shape_is_named(hf_policy, tmp_path):
+    from qwen_jax.interop.init_from import load_init_params
+    from qwen_jax.train.step import abstract_params
+
+    wider = model_config(load_config("configs/rl_tiny.py", RL_OVERRIDES + ["model.hidden_size=128"]))
+    with pytest.raises(ConfigError, match=r"init_from .*hf_policy.*: parameter .* has shape .*expects"):
+        load_init_params(hf_policy[0], abstract_params(wider)[1], "float32")
+    with pytest.raises(ConfigError, match=r"init_from='.*nowhere' is neither an HF directory"):
+        load_init_params(tmp_path / "nowhere", abstract_params(wider)[1], "float32")
+
+
+def test_the_0_8b_rl_config_resolves_and_its_episodes_fit():
+    from qwen_jax.rl.loop import rl_config
+
+    config = load_config("configs/rl_0_8b.py")
+    rl, model = rl_config(config), model_config(config)
+    assert model.vocab_size == 248320 and rl.warmup_steps == 0
+    env = make_env(rl.env, **rl.env_kwargs)
+    longest = max(len(env.reset(seed)[0].encode()) for seed in range(200))  # byte-level BPE: <= 1 id a byte
+    assert rl.max_length >= longest + rl.max_new_tokens, (longest, rl.max_length)
