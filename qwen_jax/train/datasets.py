@@ -34,6 +34,7 @@ from qwen_jax.data import (
     sample_photo_records,
     split_documents,
 )
+from qwen_jax.data.text_sources import TEXT_FILE_SUFFIXES, load_text_file
 from qwen_jax.interop.init_from import tokenizer_file
 
 DATA_KINDS = ("text", "image_text")
@@ -46,6 +47,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     """config.data's fields and defaults (a config file may leave the section out: text)."""
     return ml_collections.ConfigDict({
         "kind": "text",
+        # text: built-in "python_docs" and/or .jsonl / .array_record files of {"text": ...}, .txt files.
+        "text_sources": ["python_docs"],
         # image_text only: built-in names or .jsonl / .array_record files.
         "image_sources": ["digits", "photos"],
         "image_weight": 0.35,  # share of rows drawn from the image-text records
@@ -123,12 +126,32 @@ def load_records(field: str, sources, images: ImageProcessorConfig, videos: Vide
     return records, skipped
 
 
+def load_text_documents(sources, strict: bool) -> tuple[list[str], dict[str, int]]:
+    """The documents of every source of config.data.text_sources in order, and the skipped counts."""
+    documents, skipped = [], collections.Counter()
+    for source in sources:
+        if source == "python_docs":
+            documents += python_docs_corpus()
+        elif source.endswith(TEXT_FILE_SUFFIXES):
+            loaded, counts = load_text_file(source, strict=strict)
+            documents += loaded
+            skipped.update(counts)
+        else:
+            raise ConfigError(f"data.text_sources entry {source!r} is neither 'python_docs' nor a "
+                              f"{' / '.join(TEXT_FILE_SUFFIXES)} file")
+    if not documents:
+        raise ConfigError(f"data.text_sources {list(sources)} hold no usable document "
+                          f"(skipped: {dict(skipped)})")
+    return documents, dict(skipped)
+
+
 def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: ModelConfig,
                    train_cfg: TrainConfig, *, process_index: int, process_count: int) -> RunData:
     """Tokenizer (init_from's, or trained once; kept in workdir), packed corpora, iterator and eval batches."""
     data = data_config(config)
     hosts = dict(process_index=process_index, process_count=process_count)
-    train_docs, held_out_docs = split_documents(python_docs_corpus(), seed=0)
+    documents, skipped_files = load_text_documents(data.text_sources, data.strict)
+    train_docs, held_out_docs = split_documents(documents, seed=0)
     images = data.kind == "image_text"
     # The vision tokens are special tokens of the run's tokenizer, inside the model's vocab. A run
     # from init_from takes that source's tokenizer where it has one.
@@ -143,7 +166,8 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
                                        seed=config.seed, **hosts)
         eval_batches = make_eval_batches(held_out, batch_size=train_cfg.batch_size,
                                          max_batches=train_cfg.eval_batches, **hosts)
-        skipped = collections.Counter(train.skipped) + collections.Counter(held_out.skipped)
+        skipped = (collections.Counter(train.skipped) + collections.Counter(held_out.skipped)
+                   + collections.Counter(skipped_files))
         return RunData(model_cfg, iterator, eval_batches, dict(skipped))
 
     if model_cfg.vision is None:
@@ -153,7 +177,7 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
     images = ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
     videos = VideoProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.video_max_pixels,
                                   fps=data.video_fps, max_frames=data.max_frames)
-    skipped, train_records, held_out = collections.Counter(), {}, list(held_out_docs)
+    skipped, train_records, held_out = collections.Counter(skipped_files), {}, list(held_out_docs)
     with_videos = False  # a record file may hold videos among its images: rows carry them then
     for name, field in (("images", "image_sources"), ("videos", "video_sources")):
         records, counts = load_records(field, data[field], images, videos, data.strict)
