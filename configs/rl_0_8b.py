@@ -24,8 +24,12 @@ def get_config():
         "group_size": 8,  # 256 episodes a step
         "max_new_tokens": 512,
         "max_turns": 1,
-        "max_length": 768,  # the prompt (at most 130 bytes, so 130 ids) + the reply
+        "max_length": 768,  # the prompt (at most 130 bytes of task, 32 of markup) + the reply
         "temperature": 1.0,
+        # Qwen's chat markup (ChatML) around the task and around each later environment reply (which
+        # follows the policy's <|im_end|>). Match it to your checkpoint's chat template.
+        "prompt_format": "<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n",
+        "reply_format": "\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n",
         "advantage": "grpo",
         "policy_loss": "dapo",  # clip-higher: low 0.2, high 0.28
         "clip_low": 0.2,

@@ -20,11 +20,16 @@ def test_info_with_config_overrides(capsys):
 def test_convert_round_trip(tmp_path):
     model = qwen_jax.Qwen35ForCausalLM(qwen_jax.preset("tiny", vocab_size=64), rngs=nnx.Rngs(1))
     qwen_jax.save_hf(model, tmp_path / "hf")
+    files = {"tokenizer.json": '{"version": "1.0"}', "generation_config.json": '{"eos_token_id": [2, 0]}'}
+    for name, text in files.items():
+        (tmp_path / "hf" / name).write_text(text)
     main(["convert", f"--from-hf={tmp_path / 'hf'}", f"--to={tmp_path / 'native'}"])
     main(["convert", "--from", str(tmp_path / "native"), "--to-hf", str(tmp_path / "hf2")])
     ids = np.arange(20)[None] % 64
     expected = np.asarray(model(ids).logits)
     np.testing.assert_array_equal(np.asarray(qwen_jax.load_hf(tmp_path / "hf2")(ids).logits), expected)
+    for name, text in files.items():  # the tokenizer travels both ways (init_from and generate read it)
+        assert (tmp_path / "native" / name).read_text() == (tmp_path / "hf2" / name).read_text() == text
 
 
 def test_bench_forward_prints_shapes(capsys):

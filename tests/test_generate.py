@@ -194,6 +194,11 @@ def test_cli_generate_from_an_hf_directory_matches_transformers(tmp_path, tokeni
                                 eos_token_id=0, pad_token_id=1)[0, len(ids):].tolist()
     text = tokenizer.decode(new, skip_special_tokens=False)
     assert text and text in capsys.readouterr().out
+    # A `qwen-jax convert` directory carries the tokenizer along and generates the same.
+    main(["convert", f"--from-hf={tmp_path}", f"--to={tmp_path / 'native'}"])
+    capsys.readouterr()
+    main(["generate", f"--model={tmp_path / 'native'}", f"--prompt={prompt}", "--max-new-tokens=6"])
+    assert text in capsys.readouterr().out
 
 
 def test_cli_generate_from_a_workdir(tmp_path, model, tokenizer, capsys):

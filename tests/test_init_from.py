@@ -1,5 +1,6 @@
 """`init_from` for RL and pretraining: a run starts from an HF directory's (or a checkpoint step's)
-params and takes its tokenizer, including one shaped like Qwen's own (no pad token, `<|im_end|>`)."""
+params and takes its tokenizer, including one shaped like Qwen's own (no pad token, `<|im_end|>`);
+RL prompts and environment replies in a chat model's markup."""
 
 import jax
 import numpy as np
@@ -7,12 +8,13 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qwen_jax import Qwen35ForCausalLM, save_hf
+from qwen_jax import Qwen35ForCausalLM, load_hf, save_hf
 from qwen_jax.config import ConfigError
 from qwen_jax.data.tokenizer import load_or_train_tokenizer, pad_id, stop_ids
 from qwen_jax.experiment import load_config, model_config
-from qwen_jax.rl.envs import make_env
-from qwen_jax.rl.loop import run_rl
+from qwen_jax.rl.envs import EnvPool, make_env
+from qwen_jax.rl.loop import RLConfig, run_rl
+from qwen_jax.rl.rollout import play_episodes
 from qwen_jax.rl.warmup import demonstrations
 from qwen_jax.train.loop import run_training
 from test_rl_loop import params_at
@@ -117,5 +119,45 @@ def test_the_0_8b_rl_config_resolves_and_its_episodes_fit():
     rl, model = rl_config(config), model_config(config)
     assert model.vocab_size == 248320 and rl.warmup_steps == 0
     env = make_env(rl.env, **rl.env_kwargs)
-    longest = max(len(env.reset(seed)[0].encode()) for seed in range(200))  # byte-level BPE: <= 1 id a byte
+    longest = max(len(rl.prompt_format.format(observation=env.reset(seed)[0]).encode())
+                  for seed in range(200))  # byte-level BPE: at most one id a byte
     assert rl.max_length >= longest + rl.max_new_tokens, (longest, rl.max_length)
+
+
+CHAT = ("<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n",
+        "\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n")
+
+
+class TwoTurnEnv:
+    """A task, then one reply from the environment, then done."""
+
+    def reset(self, seed):
+        self.seed = seed
+        return f"What is {seed}+1?", {}
+
+    def step(self, action):
+        if not hasattr(self, "replied"):
+            self.replied = True
+            return "Try again.", 0.0, False, {}
+        return "", 1.0, True, {}
+
+
+def test_prompts_and_replies_go_through_the_chat_formats(hf_policy):
+    directory, _ = hf_policy
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    with EnvPool(TwoTurnEnv, 4) as pool:
+        episodes = play_episodes(load_hf(directory), tokenizer, pool, [3, 4, 5, 6], max_new_tokens=3,
+                                 max_turns=2, max_length=64, temperature=1.0, sample_seed=0,
+                                 stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer), formats=CHAT)
+    for row, seed in enumerate([3, 4, 5, 6]):
+        given = episodes.tokens[row][(episodes.segment_ids[row] == 1) & (episodes.loss_mask[row] == 0)]
+        expected = (tokenizer.encode(CHAT[0].format(observation=f"What is {seed}+1?")).ids
+                    + tokenizer.encode(CHAT[1].format(observation="Try again.")).ids)
+        assert given.tolist() == expected
+        assert tokenizer.token_to_id("<|im_start|>") in expected  # the markup's special tokens, as tokens
+
+
+@pytest.mark.parametrize("form", ["{obs}", "{observation} {0}", "no placeholder", "{observation"])
+def test_a_format_without_its_placeholder_is_named(form):
+    with pytest.raises(ConfigError, match=r"rl.prompt_format"):
+        RLConfig(prompt_format=form)

@@ -1,6 +1,13 @@
 """Text corpora from files: JSONL and ArrayRecord files of {"text": ...} documents, or plain .txt
 files (one document each). A bad record is skipped and counted by reason (strict: the first one
-raises, naming the file and line or record)."""
+raises, naming the file and line or record):
+
+    bad_json        the line (record) is not a UTF-8 JSON object
+    missing_field   no "text" field
+    bad_field       "text" is not a string
+    empty_document  no text but whitespace: nothing to learn from
+    not_utf8        a .txt file that is not UTF-8 text
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,6 @@ import collections
 import json
 from pathlib import Path
 
-TEXT_SKIP_REASONS = {
-    "bad_json": "the line is not a UTF-8 JSON object",
-    "missing_field": "no 'text' field",
-    "bad_field": "'text' is not a string",
-    "empty_document": "no text but whitespace: nothing to learn from",
-    "not_utf8": "a .txt file that is not UTF-8 text",
-}
 TEXT_FILE_SUFFIXES = (".jsonl", ".array_record", ".txt")
 
 

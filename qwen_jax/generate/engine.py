@@ -62,9 +62,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     With `cache` (an earlier Generation's), the prompts are appended to those rows (an environment's
     reply, say) and nothing before them is recomputed. donate_cache=True lets the returned cache take
     over that cache's buffers (no copy of it; it cannot be used afterwards). max_length (prompt + new
-    tokens, default just enough) sizes a fresh cache; leave room there for later turns. With a `mesh`, the cache and the
-    activations are sharded by the logical-axis `rules`, as in training (rows over the batch axes,
-    heads over `tensor`); the model's params keep the placement they have.
+    tokens, default just enough) sizes a fresh cache; leave room there for later turns. With a `mesh`,
+    the cache and the activations are sharded by the logical-axis `rules`, as in training (rows over
+    the batch axes, heads over `tensor`); the model's params keep the placement they have.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")

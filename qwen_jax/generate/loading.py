@@ -1,5 +1,5 @@
 """What `qwen-jax generate` runs: a model, its tokenizer and its stop ids from an HF directory, a
-qwen-jax workdir or one of its checkpoint steps."""
+`qwen-jax convert` directory, a qwen-jax workdir or one of its checkpoint steps."""
 
 from __future__ import annotations
 
@@ -17,22 +17,27 @@ def _ids(value) -> list[int]:
 
 
 def load_for_generation(path: str | Path):
-    """DIR -> (model, tokenizer, stop ids). HF dirs stop at generation_config.json's eos ids (else
-    config.json's); workdirs at their tokenizer's end of text (and `<|im_end|>` where it has one)."""
+    """DIR -> (model, tokenizer, stop ids). HF and `qwen-jax convert` dirs stop at the eos ids of
+    generation_config.json (else config.json); workdirs at their tokenizer's end of text (and at
+    `<|im_end|>` where it has one)."""
     from qwen_jax.data.tokenizer import stop_ids
     from qwen_jax.interop.hf import load_hf
+    from qwen_jax.interop.native import CONFIG_FILE, load_model
 
     path = Path(path)
     if (path / "state").is_dir():  # a checkpoint step: WORKDIR/checkpoints/<step>
         return _load_workdir(path.parent.parent, path)
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise ConfigError(f"--model={path}: no config.json; expected an HF directory, a qwen-jax "
-                          "workdir or a checkpoint step directory")
-    config = json.loads(config_file.read_text())
-    if "model" in config and (path / "checkpoints").is_dir():
-        return _load_workdir(path, None)
-    model = load_hf(path)
+    if (path / CONFIG_FILE).exists():
+        model, config = load_model(path), {}
+    elif config_file.exists():
+        config = json.loads(config_file.read_text())
+        if "model" in config and (path / "checkpoints").is_dir():
+            return _load_workdir(path, None)
+        model = load_hf(path)
+    else:
+        raise ConfigError(f"--model={path}: no config.json; expected an HF directory, a `qwen-jax convert` "
+                          "directory, a qwen-jax workdir or a checkpoint step directory")
     generation = path / "generation_config.json"
     source = json.loads(generation.read_text()) if generation.exists() else config
     stop = _ids(source.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id")))

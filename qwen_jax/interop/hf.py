@@ -430,7 +430,12 @@ def save_hf(model: Qwen35ForCausalLM, path: str | os.PathLike) -> None:
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
+    copy_tokenizer_files(model, path)
+
+
+def copy_tokenizer_files(model, path: Path) -> None:
+    """Copy the tokenizer and generation files of the directory `model` was loaded from into `path`."""
     source = getattr(model, "source_dir", None)
     for name in TOKENIZER_FILES:
-        if source and (Path(source) / name).exists() and Path(source).resolve() != path.resolve():
-            shutil.copy(Path(source) / name, path / name)
+        if source and (Path(source) / name).exists() and Path(source).resolve() != Path(path).resolve():
+            shutil.copy(Path(source) / name, Path(path) / name)

@@ -68,6 +68,11 @@ class RLConfig:
     max_turns: int = 1
     max_length: int = 48  # cache and episode length, all turns
     temperature: float = 1.0
+    # How a text observation becomes the policy's input: the first one (the task) and each later one
+    # (an environment's reply, after the policy's stop token), "{observation}" standing for the text.
+    # A chat model wants its chat markup here (configs/rl_0_8b.py).
+    prompt_format: str = "{observation}"
+    reply_format: str = "{observation}"
     advantage: str = "grpo"
     policy_loss: str = "ppo"
     clip_low: float = 0.2
@@ -99,6 +104,15 @@ class RLConfig:
                 f"rl.routing_replay must be True or False, got {self.routing_replay!r}")
         if self.temperature <= 0:
             raise ConfigError(f"rl.temperature must be > 0 (sampling), got {self.temperature}")
+        for name in ("prompt_format", "reply_format"):
+            form = getattr(self, name)
+            try:
+                filled = form.format(observation="\0")
+            except (AttributeError, IndexError, KeyError, ValueError) as error:
+                raise ConfigError(f"rl.{name} {form!r} is not a format of {{observation}} alone: "
+                                  f"{error!r}") from None
+            if "\0" not in filled:
+                raise ConfigError(f"rl.{name} {form!r} has no {{observation}}")
 
     @property
     def loss(self) -> PolicyLossConfig:
@@ -133,7 +147,8 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
                              max_new_tokens=rl.max_new_tokens, max_turns=rl.max_turns,
                              max_length=rl.max_length, temperature=rl.temperature,
                              sample_seed=seed * 100003 + step, stop_ids=stop, pad_id=padding,
-                             mesh=learner.mesh, rules=learner.rules)
+                             formats=(rl.prompt_format, rl.reply_format), mesh=learner.mesh,
+                             rules=learner.rules)
     rollout_s = time.perf_counter() - started - episodes.env_seconds
 
     started = time.perf_counter()
@@ -191,8 +206,8 @@ def greedy_accuracy(params, learner: Learner, tokenizer, rl: RLConfig) -> float:
             nnx.merge(learner.graphdef, params), tokenizer, pool,
             [EVAL_SEED_BASE + i for i in range(rl.eval_prompts)], max_new_tokens=rl.max_new_tokens,
             max_turns=rl.max_turns, max_length=rl.max_length, temperature=0.0, sample_seed=0,
-            stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer), mesh=learner.mesh,
-            rules=learner.rules)
+            stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer),
+            formats=(rl.prompt_format, rl.reply_format), mesh=learner.mesh, rules=learner.rules)
     return float(episodes.rewards.mean())
 
 

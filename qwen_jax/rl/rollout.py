@@ -37,17 +37,22 @@ class Episodes:
     routing: np.ndarray | None  # int8/int16 [N, L, S, k]: the sampler's experts (None: dense)
 
 
-def _encode(tokenizer: Tokenizer, observation) -> list[int]:
-    return list(observation) if isinstance(observation, list) else tokenizer.encode(observation).ids
+def _encode(tokenizer: Tokenizer, observation, form: str) -> list[int]:
+    """Token ids as they are; text through `form` (e.g. a chat model's markup around it), then encoded."""
+    if isinstance(observation, list):
+        return list(observation)
+    return tokenizer.encode(form.format(observation=observation)).ids
 
 
 def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
                   max_new_tokens: int, max_turns: int, max_length: int, temperature: float,
-                  sample_seed: int, stop_ids: Sequence[int], pad_id: int, mesh=None,
+                  sample_seed: int, stop_ids: Sequence[int], pad_id: int,
+                  formats: tuple[str, str] = ("{observation}", "{observation}"), mesh=None,
                   rules=DEFAULT_RULES) -> Episodes:
     """One episode per slot of `pool` (an EnvPool or HostSharedPool; slot i resets with
-    seeds[i]); returns them as token arrays. With a `mesh`, the sampler's rows and cache are
-    sharded over it as in `generate`."""
+    seeds[i]); returns them as token arrays. Text observations go through `formats` (the first
+    one's, then the replies'; "{observation}" is the text). With a `mesh`, the sampler's rows and
+    cache are sharded over it as in `generate`."""
     count = len(seeds)
     env_seconds = 0.0
     started = time.perf_counter()
@@ -64,7 +69,9 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
     rewards = np.zeros(count, np.float32)
     failed = np.array([result.failed is not None for result in resets])
     running = ~failed
-    prompts = [_encode(tokenizer, r.observation) if r.failed is None else [pad_id] for r in resets]
+    prompt_format, reply_format = formats
+    prompts = [_encode(tokenizer, r.observation, prompt_format) if r.failed is None else [pad_id]
+               for r in resets]
     cache = None
     for turn in range(max_turns):
         used = 0 if cache is None else int(cache.index)  # cache columns, padding included
@@ -104,7 +111,7 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
             if result.done:
                 running[row] = False
             else:
-                prompts[row] = _encode(tokenizer, result.observation) or [pad_id]
+                prompts[row] = _encode(tokenizer, result.observation, reply_format) or [pad_id]
         if not running.any():
             break
     return _pad(ids, sampled, logprobs, routing, rewards, failed, max_length, pad_id, env_seconds)

@@ -10,7 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
-from qwen_jax.data.tokenizer import eos_id, pad_id
+from qwen_jax.data.tokenizer import pad_id, stop_ids
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.step import make_trainer
@@ -33,15 +33,18 @@ def demonstrations(env, seeds: Iterable[int]) -> list[tuple[str, str]]:
     return pairs
 
 
-def demonstration_batch(pairs, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    """Rows prompt + answer + eos, loss only on the answer and eos (what the policy must say)."""
-    eos, pad = eos_id(tokenizer), pad_id(tokenizer)
+def demonstration_batch(pairs, tokenizer: Tokenizer, seq_len: int,
+                        prompt_format: str = "{observation}") -> dict[str, np.ndarray]:
+    """Rows prompt (through prompt_format) + answer + the first stop id (`<|im_end|>` where the tokenizer
+    has one, else `<|endoftext|>`), loss only on the answer and that stop (what the policy must say)."""
+    eos, pad = stop_ids(tokenizer)[0], pad_id(tokenizer)
     batch = {"input_ids": np.full((len(pairs), seq_len), pad, np.int32),
              "targets": np.full((len(pairs), seq_len), pad, np.int32),
              "segment_ids": np.zeros((len(pairs), seq_len), np.int32),
              "loss_mask": np.zeros((len(pairs), seq_len), np.float32)}
     for row, (prompt, answer) in enumerate(pairs):
-        prompt_ids, answer_ids = tokenizer.encode(prompt).ids, tokenizer.encode(answer).ids + [eos]
+        prompt_ids = tokenizer.encode(prompt_format.format(observation=prompt)).ids
+        answer_ids = tokenizer.encode(answer).ids + [eos]
         ids = (prompt_ids + answer_ids)[:seq_len + 1]
         n = len(ids) - 1
         batch["input_ids"][row, :n], batch["targets"][row, :n] = ids[:-1], ids[1:]
@@ -62,6 +65,6 @@ def supervised_warmup(model_cfg: ModelConfig, env, tokenizer: Tokenizer, rl, *, 
     for step in range(rl.warmup_steps):
         first = WARMUP_SEED_BASE + step * rl.warmup_batch_size
         pairs = demonstrations(env, range(first, first + rl.warmup_batch_size))
-        batch = demonstration_batch(pairs, tokenizer, rl.max_length)
+        batch = demonstration_batch(pairs, tokenizer, rl.max_length, rl.prompt_format)
         state, _ = trainer.step_fn(state, trainer.global_batch(batch))
     return jax.device_get(state["params"])
