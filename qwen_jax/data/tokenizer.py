@@ -82,6 +82,7 @@ def pad_id(tokenizer: Tokenizer) -> int:
 
 def stop_ids(tokenizer: Tokenizer) -> list[int]:
     """Where a sampled reply ends: `<|endoftext|>`, and `<|im_end|>` (the end of a chat turn) where the
-    tokenizer has one; Qwen3.5's generation_config.json stops at the same two."""
+    tokenizer has one. Qwen3.5's configs name eos ids 248046 and 248044 (spec section 5): these two in
+    Qwen's numbering, where <|endoftext|>, <|im_start|> and <|im_end|> follow each other."""
     return [tokenizer.token_to_id(token) for token in (END_OF_TURN, EOS_TOKEN)
             if tokenizer.token_to_id(token) is not None]
