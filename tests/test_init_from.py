@@ -23,7 +23,7 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order;
 RL_OVERRIDES = ["wandb.mode=disabled", "model.hidden_size=64", "model.intermediate_size=128",
                 "model.num_hidden_layers=2", "rl.warmup_steps=0", "rl.groups=2", "rl.group_size=8",
                 "rl.max_new_tokens=3", "rl.max_length=24", "rl.eval_prompts=4", "rl.steps=1",
-                # An update too small to move a float32 weight: the saved params are the start's.
+                # Updates of about 1e-30: the saved params equal the start's (to 1e-12, as asserted).
                 "rl.lr=1e-30"]
 
 

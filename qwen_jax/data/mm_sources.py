@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import dataclasses
 import io
 import json
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from qwen_jax.data.images import ImageError, ImageProcessorConfig, ProcessedImage, preprocess_image
+from qwen_jax.data.records import Skip, array_records, jsonl_records, parse_records
 from qwen_jax.data.videos import ProcessedVideo, VideoProcessorConfig, load_video
 
 SKIP_REASONS = {
@@ -82,15 +82,6 @@ class ImageTextRecord:
         return [part for part in self.parts if isinstance(part, ProcessedVideo)]
 
 
-class _Skip(Exception):
-    """Why a record is unusable: a `SKIP_REASONS` key and a detail that names the culprit."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 PART_KINDS = ("text", "image", "image_bytes", "video")
 
 
@@ -98,92 +89,92 @@ def _kind_and_value(part) -> tuple[str, str]:
     """(kind, str) of one {"text": ...} / {"image": path} / {"image_bytes": base64} /
     {"video": path} part (a video's fps is read by `_load_video`)."""
     if not isinstance(part, dict):
-        raise _Skip("bad_field", f"a part is {type(part).__name__}, not an object")
+        raise Skip("bad_field", f"a part is {type(part).__name__}, not an object")
     kinds = [kind for kind in PART_KINDS if kind in part]
     if not kinds:
-        raise _Skip("missing_field", f"a part has none of {list(PART_KINDS)}: {sorted(part)}")
+        raise Skip("missing_field", f"a part has none of {list(PART_KINDS)}: {sorted(part)}")
     if len(kinds) > 1:
-        raise _Skip("bad_field", f"a part has {' and '.join(map(repr, kinds))}")
+        raise Skip("bad_field", f"a part has {' and '.join(map(repr, kinds))}")
     kind = kinds[0]
     if not isinstance(part[kind], str):
-        raise _Skip("bad_field", f"'{kind}' is {type(part[kind]).__name__}, not a string")
+        raise Skip("bad_field", f"'{kind}' is {type(part[kind]).__name__}, not a string")
     return kind, part[kind]
 
 
 def _parts_of(document) -> list[tuple[str, str, dict]]:
     """(kind, value, the part's object) of a decoded JSON line's parts, in reading order."""
     if not isinstance(document, dict):
-        raise _Skip("bad_json", f"the line is a JSON {type(document).__name__}, not an object")
+        raise Skip("bad_json", f"the line is a JSON {type(document).__name__}, not an object")
     if "parts" in document:
         if not isinstance(document["parts"], list):
-            raise _Skip("bad_field", "'parts' is not a list")
+            raise Skip("bad_field", "'parts' is not a list")
         return [(*_kind_and_value(part), part) for part in document["parts"]]
     if "text" not in document:
-        raise _Skip("missing_field", f"neither 'parts' nor 'text' among {sorted(document)}")
+        raise Skip("missing_field", f"neither 'parts' nor 'text' among {sorted(document)}")
     images = document.get("images", [])
     if not isinstance(images, list):
-        raise _Skip("bad_field", "'images' is not a list")
+        raise Skip("bad_field", "'images' is not a list")
     return [(*_kind_and_value({"image": path}), {}) for path in images] + [
         (*_kind_and_value({"text": document["text"]}), {})]
 
 
 def _image_file(kind: str, value: str, folder: Path) -> tuple[Path | io.BytesIO, str]:
-    """An image part -> (what PIL opens, its name in messages); raise _Skip if it cannot exist."""
+    """An image part -> (what PIL opens, its name in messages); raise Skip if it cannot exist."""
     if kind == "image":
         path = folder / value
         if not path.is_file():
-            raise _Skip("missing_image", f"{path} does not exist")
+            raise Skip("missing_image", f"{path} does not exist")
         return path, str(path)
     try:
         return io.BytesIO(base64.b64decode(value, validate=True)), "image_bytes"
     except binascii.Error as error:
-        raise _Skip("bad_field", f"'image_bytes' is not base64: {error}") from None
+        raise Skip("bad_field", f"'image_bytes' is not base64: {error}") from None
 
 
 def _load_image(kind: str, value: str, folder: Path, config: ImageProcessorConfig,
                 min_image_side: int) -> ProcessedImage:
-    """Decode and preprocess one image (a file or its bytes), or raise _Skip with the reason."""
+    """Decode and preprocess one image (a file or its bytes), or raise Skip with the reason."""
     file, name = _image_file(kind, value, folder)
     try:
         with Image.open(file) as image:
             image.load()  # decode now: a truncated file only fails here
     except Image.DecompressionBombError as error:
-        raise _Skip("image_too_large", f"{name}: {error}") from None
+        raise Skip("image_too_large", f"{name}: {error}") from None
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, ...: any file may
-        raise _Skip("corrupt_image", f"{name}: {type(error).__name__}: {error}") from None
+        raise Skip("corrupt_image", f"{name}: {type(error).__name__}: {error}") from None
     if min(image.size) < min_image_side:
-        raise _Skip("image_too_small", f"{name} is {image.width}x{image.height} pixels, a side is "
+        raise Skip("image_too_small", f"{name} is {image.width}x{image.height} pixels, a side is "
                     f"below min_image_side={min_image_side}")
     try:
         return preprocess_image(image, config, name=name)
     except ImageError as error:
-        raise _Skip(error.reason, str(error)) from None
+        raise Skip(error.reason, str(error)) from None
 
 
 def _load_video(part: dict, folder: Path, config: VideoProcessorConfig) -> ProcessedVideo:
-    """Decode and preprocess one video part (a file or a frame directory), or raise _Skip."""
+    """Decode and preprocess one video part (a file or a frame directory), or raise Skip."""
     fps = part.get("fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0):
-        raise _Skip("bad_field", f"'fps' is {fps!r}, not a number above 0")
+        raise Skip("bad_field", f"'fps' is {fps!r}, not a number above 0")
     try:
         return load_video(folder / part["video"], config, fps=fps)
     except ImageError as error:  # VideoError: missing, corrupt, too short, ...
-        raise _Skip(error.reason, str(error)) from None
+        raise Skip(error.reason, str(error)) from None
 
 
 def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig,
                   video_config: VideoProcessorConfig, min_image_side: int,
                   where: str) -> ImageTextRecord:
     """One JSON object (a JSONL line or an ArrayRecord record) -> a record with its images and
-    videos preprocessed, or raise _Skip."""
+    videos preprocessed, or raise Skip."""
     try:
         document = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _Skip("bad_json", str(error)) from None
+        raise Skip("bad_json", str(error)) from None
     parts = _parts_of(document)
     # Checked before any image is read: an empty document is skipped without decoding its images.
     if not any(kind == "text" and value.strip() for kind, value, _ in parts):
-        raise _Skip("empty_document", "no text but whitespace")
+        raise Skip("empty_document", "no text but whitespace")
 
     def load(kind, value, part):
         if kind == "text":
@@ -193,22 +184,6 @@ def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig,
         return _load_image(kind, value, folder, config, min_image_side)
 
     return ImageTextRecord(parts=tuple(load(*part) for part in parts), source=where)
-
-
-def _read_records(lines, folder: Path, config: ImageProcessorConfig,
-                  video_config: VideoProcessorConfig, strict: bool,
-                  min_image_side: int) -> tuple[list[ImageTextRecord], dict[str, int]]:
-    """(where, JSON bytes) pairs -> the usable records and the skip counts (strict: raise)."""
-    records, skipped = [], collections.Counter()
-    for where, line in lines:
-        try:
-            records.append(_parse_record(line, folder, config, video_config, min_image_side,
-                                         where))
-        except _Skip as skip:
-            if strict:
-                raise ValueError(f"{where}: {skip.reason}: {skip.detail}") from None
-            skipped[skip.reason] += 1
-    return records, dict(sorted(skipped.items()))
 
 
 def load_image_text_jsonl(path: str | Path, config: ImageProcessorConfig, *, strict: bool = False,
@@ -221,12 +196,7 @@ def load_image_text_jsonl(path: str | Path, config: ImageProcessorConfig, *, str
     temporal patch): right for demos and small fine-tuning sets. strict=True raises
     ValueError("<file>:<line>: <reason>: ...") on the first bad record instead of skipping it.
     """
-    path = Path(path)
-    with open(path, "rb") as file:  # bytes: one line that is not UTF-8 must not stop the file
-        # Blank lines hold no record; a trailing one is common.
-        lines = [(f"{path}:{number}", line) for number, line in enumerate(file, start=1)
-                 if line.strip()]
-    return _read_records(lines, path.parent, config, video_config, strict, min_image_side)
+    return _load(Path(path), jsonl_records, config, video_config, strict, min_image_side)
 
 
 def load_image_text_array_record(path: str | Path, config: ImageProcessorConfig, *,
@@ -235,17 +205,15 @@ def load_image_text_array_record(path: str | Path, config: ImageProcessorConfig,
                                  ) -> tuple[list[ImageTextRecord], dict[str, int]]:
     """As `load_image_text_jsonl`, for an ArrayRecord file of JSON records ("<file>[<index>]" in
     messages); image and video paths are relative to the file's folder."""
-    from array_record.python.array_record_module import ArrayRecordReader
+    return _load(Path(path), array_records, config, video_config, strict, min_image_side)
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    reader = ArrayRecordReader(str(path))
-    try:
-        lines = [(f"{path}[{index}]", record) for index, record in enumerate(reader.read_all())]
-    finally:
-        reader.close()
-    return _read_records(lines, path.parent, config, video_config, strict, min_image_side)
+
+def _load(path: Path, read, config: ImageProcessorConfig, video_config: VideoProcessorConfig, strict: bool,
+          min_image_side: int) -> tuple[list[ImageTextRecord], dict[str, int]]:
+    """The usable records of the file `read` reads (media paths relative to its folder), and skip counts."""
+    def parse(line, where):
+        return _parse_record(line, path.parent, config, video_config, min_image_side, where)
+    return parse_records(read(path), parse, strict)
 
 
 def write_image_text_array_record(path: str | Path, documents: list[dict]) -> None:

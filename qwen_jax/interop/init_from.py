@@ -62,7 +62,10 @@ def _restore_params(state_dir: Path, abstract_params: dict) -> dict:
 
 
 def tokenizer_file(path: str | Path) -> Path | None:
-    """The source's tokenizer.json (a checkpoint step's: its run's), or None where it has none."""
+    """The source's tokenizer.json (a checkpoint step's: its run's), or None where it has none or no source
+    is given (init_from "")."""
+    if not path:
+        return None
     path = Path(path)
     file = (path.parent.parent if source_kind(path) == "checkpoint" else path) / "tokenizer.json"
     return file if file.exists() else None

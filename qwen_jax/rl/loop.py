@@ -221,7 +221,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     env = make_env(rl.env, **rl.env_kwargs)
     tokenizer = load_or_train_tokenizer(
         workdir / "tokenizer.json", lambda: [text for text, _ in demonstrations(env, range(4000))],
-        model_cfg.vocab_size, source=tokenizer_file(config.init_from) if config.init_from else None)
+        model_cfg.vocab_size, source=tokenizer_file(config.init_from))
     graphdef, shapes = abstract_params(model_cfg)
     optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
                                            steps=rl.steps * rl.minibatches, weight_decay=0.0))

@@ -158,7 +158,7 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
     tokenizer = load_or_train_tokenizer(
         workdir / "tokenizer.json", train_docs, model_cfg.vocab_size,
         tuple(VISION_TOKENS.values()) if images else (),
-        source=tokenizer_file(config.init_from) if config.get("init_from") else None)
+        source=tokenizer_file(config.get("init_from")))
     if not images:
         train = pack_corpus(tokenizer, train_docs, seq_len=train_cfg.seq_len)
         held_out = pack_corpus(tokenizer, held_out_docs, seq_len=train_cfg.seq_len)
