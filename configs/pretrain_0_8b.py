@@ -14,8 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(
         {"steps": 10000, "batch_size": 8, "seq_len": 4096, "lr": 3e-4, "warmup_steps": 500})
     # What to train on: the built-in corpus and/or .jsonl / .array_record files of {"text": ...} and
-    # .txt files, e.g. --config.data.text_sources="['/data/web.jsonl']" (bad records are skipped and counted).
-    config.data = ml_collections.ConfigDict({"text_sources": ["python_docs"]})
+    # .txt files, e.g. --config.data.text_sources="['/data/web.jsonl']" (bad records are skipped and counted),
+    # streamed: read, tokenised and packed as the run goes, so a corpus may be bigger than memory.
+    config.data = ml_collections.ConfigDict({"text_sources": ["python_docs"], "streaming": True})
     config.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3})
     config.mesh = ml_collections.ConfigDict(
         {"data": 1, "fsdp": -1, "tensor": 1, "expert": 1, "context": 1})

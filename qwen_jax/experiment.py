@@ -12,8 +12,38 @@ import ml_collections
 from qwen_jax.config import VISION_PRESETS, ConfigError, ModelConfig, TrainConfig, preset
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
-# Sections whose typed dataclass fields may be set from the command line even if the file omits them.
-TYPED_SECTIONS = {"model": MODEL_FIELDS, "train": {f.name for f in dataclasses.fields(TrainConfig)}}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """config.data's fields and defaults (a config file may leave the section out: text)."""
+    return ml_collections.ConfigDict({
+        "kind": "text",
+        # text: built-in "python_docs" and/or .jsonl / .array_record files of {"text": ...}, .txt files.
+        "text_sources": ["python_docs"],
+        # text only: read, tokenise and pack records as training goes (corpora bigger than memory;
+        # documents are shuffled, not packed rows) instead of packing the whole corpus at start.
+        "streaming": False,
+        # image_text only: built-in names or .jsonl / .array_record files.
+        "image_sources": ["digits", "photos"],
+        "image_weight": 0.35,  # share of rows drawn from the image-text records
+        "max_patches": 256,  # image patches per row (a multiple of spatial_merge_size^2)
+        "min_pixels": 32 * 32,
+        "max_pixels": 64 * 64,
+        # Videos ([] for none): built-in clip sets or files, as above (a file may mix both).
+        "video_sources": ["moving_digits", "camera_moves"],
+        "video_weight": 0.15,  # share of rows drawn from the video-text records
+        "max_video_patches": 128,  # video patches per row
+        "video_fps": 2.0,  # frames sampled per second of video
+        "max_frames": 8,
+        "video_max_pixels": 4 * 64 * 64,  # frames x height x width of a resized clip
+        "workers": 0,  # Grain worker processes building rows
+        "strict": False,  # stop at the first bad record instead of skipping and counting it
+    })
+
+
+# Sections whose known fields may be set from the command line even if the file omits them.
+TYPED_SECTIONS = {"model": MODEL_FIELDS, "train": {f.name for f in dataclasses.fields(TrainConfig)},
+                  "data": set(default_data_config())}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:

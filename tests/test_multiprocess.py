@@ -1,7 +1,9 @@
 """Two real processes on localhost (jax.distributed, CPU collectives) match a single-process run, with
 the batch split over data across them and with every sequence split over context across them."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,8 +35,8 @@ def free_port() -> int:
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def run_pair(args: list[str], env: dict = ONE_DEVICE) -> None:
-    """Run `args` as processes 0 and 1 of one jax.distributed job (one CPU device each)."""
+def run_pair(args: list[str], env: dict = ONE_DEVICE) -> list[str]:
+    """Run `args` as processes 0 and 1 of one jax.distributed job (one CPU device each); their outputs."""
     port = free_port()
     processes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env=dict(env, QWEN_JAX_COORDINATOR=f"localhost:{port}",
@@ -42,6 +44,7 @@ def run_pair(args: list[str], env: dict = ONE_DEVICE) -> None:
                  for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
+    return outputs
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +126,23 @@ INTERLEAVED_HOSTS = textwrap.dedent("""
 def test_hosts_interleaved_on_the_mesh_feed_every_device_its_own_rows_and_tokens():
     run_pair([sys.executable, "-c", INTERLEAVED_HOSTS],
              env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+
+
+@pytest.mark.slow
+def test_two_streaming_hosts_resume_each_from_its_own_place(tmp_path):
+    """Streaming hosts read records of their own, so each saves its own data state; a resumed pair
+    must give each host back its own (swapped ones would read on from the wrong places)."""
+    args = [*command(tmp_path), "--config.data.streaming=True", "--config.checkpoint.every_steps=2",
+            "--config.train.eval_every=2"]
+    run_pair(args)
+    first = read_metrics(tmp_path / "metrics.jsonl")
+    saved = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())["processes"]
+    assert len(saved) == 2 and saved[0] != saved[1]
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    outputs = run_pair(args)
+    assert all("resumed from step 2\n" in output for output in outputs), [o[:300] for o in outputs]
+    again = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())["processes"]
+    assert again == saved
+    resumed = read_metrics(tmp_path / "metrics.jsonl")
+    np.testing.assert_allclose([r["learning/loss"] for r in resumed], [r["learning/loss"] for r in first],
+                               rtol=TOLERANCES["learning/loss"])

@@ -51,7 +51,7 @@ from qwen_jax.data.mm_packing import (
     plan_rows,
     tokenize_record,
 )
-from qwen_jax.data.pipeline import _per_host_batch_size, eval_batch_starts
+from qwen_jax.data.pipeline import eval_batch_starts, per_host_batch_size
 from qwen_jax.data.tokenizer import eos_id, pad_id
 from qwen_jax.model.vlm import vision_tower_inputs  # noqa: F401 - the batch's reader, re-exported
 
@@ -232,7 +232,7 @@ def make_mm_train_iterator(corpora: Mapping[str, MMPackedCorpus], *, global_batc
     weights = weights or {name: 1.0 for name in names}
     if set(weights) != set(names) or min(weights.values()) <= 0:
         raise ValueError(f"weights {dict(weights)} must be positive, one per source {names}")
-    per_host = _per_host_batch_size(global_batch_size, process_count)
+    per_host = per_host_batch_size(global_batch_size, process_count)
     # Distinct seeds: two sources of equal length must not be shuffled alike.
     sources = [grain.MapDataset.source(_PlannedRows(corpora[name]))
                .shuffle(seed + 7919 * k)  # the epoch is folded in: a new order each epoch

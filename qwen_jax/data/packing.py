@@ -35,6 +35,14 @@ def pack_documents(documents: list[np.ndarray], *, seq_len: int, eos_id: int,
 
     # Documents are contiguous and increasing, so a row's pieces are numbered from its first one.
     segment_ids = np.where(document >= 0, document - document[:, :1] + 1, 0).astype(np.int32)
+    return row_fields(input_ids, segment_ids, pad_id)
+
+
+def row_fields(input_ids: np.ndarray, segment_ids: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows [N, T] of tokens and their segment ids (0: padding) -> the `ROW_KEYS` fields: targets[t]
+    is input_ids[t + 1] (pad at the last column), loss_mask 1 exactly where that target belongs to the
+    same segment."""
+    num_rows = len(input_ids)
     targets = np.concatenate([input_ids[:, 1:], np.full((num_rows, 1), pad_id, np.int32)], axis=1)
     same_segment = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
     loss_mask = np.concatenate([same_segment, np.zeros((num_rows, 1), bool)], axis=1)

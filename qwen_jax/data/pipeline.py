@@ -85,7 +85,7 @@ class _RowSource:
         return {key: self._rows[key][index] for key in ROW_KEYS}
 
 
-def _per_host_batch_size(batch_size: int, process_count: int) -> int:
+def per_host_batch_size(batch_size: int, process_count: int) -> int:
     """Each host's share of a global batch; hosts must get equal shares for one global shape."""
     if batch_size % process_count:
         raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
@@ -101,7 +101,7 @@ def make_train_iterator(corpus: PackedCorpus, *, global_batch_size: int, seed: i
     and host p gets its p-th contiguous block, so concatenating the hosts' batches in process order
     gives exactly the single-process batch. Resume with `get_state()` / `set_state()`.
     """
-    per_host = _per_host_batch_size(global_batch_size, process_count)
+    per_host = per_host_batch_size(global_batch_size, process_count)
     dataset = (grain.MapDataset.source(_RowSource(corpus.rows))
                .shuffle(seed)  # the epoch number is folded into the seed: a new order each epoch
                .repeat()
@@ -117,7 +117,7 @@ def eval_batch_starts(num_rows: int, *, batch_size: int, max_batches: int | None
                       process_index: int, process_count: int) -> tuple[int, list[int]]:
     """(rows per host, this host's first row of each eval batch): the first rows in corpus order,
     at most max_batches batches, host p taking the p-th block of every batch."""
-    per_host = _per_host_batch_size(batch_size, process_count)
+    per_host = per_host_batch_size(batch_size, process_count)
     num_batches = -(-num_rows // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)

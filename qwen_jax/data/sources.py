@@ -35,6 +35,7 @@ STDLIB_MODULES = (
     "xml.etree.ElementTree", "xml.sax", "xml.sax.handler", "xmlrpc.client", "xmlrpc.server",
     "zipfile", "zipimport", "zoneinfo",
 )
+HELD_OUT_FRACTION = 0.05  # of the documents, for eval
 MIN_DOCUMENT_CHARS = 200  # shorter docstrings are mostly one-liners that carry little context
 
 
@@ -105,10 +106,15 @@ def stable_unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest.digest(), "little") / 2**64
 
 
-def split_documents(documents: list[str], held_out_fraction: float = 0.05,
+def is_held_out(text: str, fraction: float = HELD_OUT_FRACTION, seed: int = 0) -> bool:
+    """Whether a document is held out for eval: a function of its text and seed alone."""
+    return stable_unit_hash(text, seed) < fraction
+
+
+def split_documents(documents: list[str], held_out_fraction: float = HELD_OUT_FRACTION,
                     seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, held_out), each in corpus order; a document's side depends only on its text and seed."""
     train, held_out = [], []
     for text in documents:
-        (held_out if stable_unit_hash(text, seed) < held_out_fraction else train).append(text)
+        (held_out if is_held_out(text, held_out_fraction, seed) else train).append(text)
     return train, held_out

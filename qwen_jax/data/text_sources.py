@@ -19,7 +19,7 @@ from qwen_jax.data.records import Skip, array_records, jsonl_records, parse_reco
 TEXT_FILE_SUFFIXES = (".jsonl", ".array_record", ".txt")
 
 
-def _text_of(record: bytes, where: str) -> str:
+def json_text(record: bytes, where: str) -> str:
     """One JSON object's "text", or raise Skip."""
     try:
         document = json.loads(record.decode("utf-8"))
@@ -37,7 +37,7 @@ def _text_of(record: bytes, where: str) -> str:
     return text
 
 
-def _whole_file(record: bytes, where: str) -> str:
+def file_text(record: bytes, where: str) -> str:
     """A .txt file's bytes -> its text, or raise Skip."""
     try:
         text = record.decode("utf-8")
@@ -54,8 +54,8 @@ def load_text_file(path: str | Path, *, strict: bool = False) -> tuple[list[str]
     if path.suffix == ".txt":
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        return parse_records([(str(path), path.read_bytes())], _whole_file, strict)
+        return parse_records([(str(path), path.read_bytes())], file_text, strict)
     if path.suffix in (".jsonl", ".array_record"):
         read = jsonl_records if path.suffix == ".jsonl" else array_records
-        return parse_records(read(path), _text_of, strict)
+        return parse_records(read(path), json_text, strict)
     raise ValueError(f"{path}: a text source must end in one of {TEXT_FILE_SUFFIXES}")

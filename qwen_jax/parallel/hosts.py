@@ -7,15 +7,19 @@ read the same share and keep only their own tokens, so no host feeds a device ro
 does not hold. Neither need be contiguous: a topology-aware mesh on a multi-host TPU slice
 interleaves the hosts along its axes, and jax.make_array_from_process_local_data lays a host's
 local rows and tokens onto the global ones it holds, in order.
+
+`gather_objects` hands every host what each one holds (episodes in RL, data iterator states to save).
 """
 
 from __future__ import annotations
 
 import collections
+import pickle
 from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 
@@ -81,3 +85,16 @@ def host_batch_layout(sharding: NamedSharding, batch: int, length: int,
                          f"split the {batch} rows")
     return HostBatchLayout(shares.index(row_sets[process_index]), len(shares),
                            tuple(slice(*span) for span in token_sets[process_index]))
+
+
+def gather_objects(local: list) -> list:
+    """Every host's list, concatenated in process order, on every host (pickled, padded bytes)."""
+    if jax.process_count() == 1:
+        return list(local)
+    payload = np.frombuffer(pickle.dumps(local), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    everyone = multihost_utils.process_allgather(padded)  # [process_count, longest]
+    return [item for size, row in zip(sizes.reshape(-1), everyone)
+            for item in pickle.loads(row[:int(size)].tobytes())]

@@ -8,13 +8,13 @@ rewards, failures) to every host, so the rollout code above it reads like a one-
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from qwen_jax.parallel.hosts import gather_objects
 from qwen_jax.rl.envs import EnvPool, StepResult, host_share
 
 
@@ -23,19 +23,6 @@ def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def gather_objects(local: list) -> list:
-    """Every host's list, concatenated in process order, on every host (pickled, padded bytes)."""
-    if jax.process_count() == 1:
-        return list(local)
-    payload = np.frombuffer(pickle.dumps(local), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:payload.size] = payload
-    everyone = multihost_utils.process_allgather(padded)  # [process_count, longest]
-    return [item for size, row in zip(sizes.reshape(-1), everyone)
-            for item in pickle.loads(row[:int(size)].tobytes())]
 
 
 class HostSharedPool:

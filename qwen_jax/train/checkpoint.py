@@ -13,6 +13,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from qwen_jax.parallel.hosts import gather_objects
+
 log = logging.getLogger(__name__)
 
 
@@ -70,3 +72,19 @@ class Checkpointer:
 def abstract_like(state, shardings):
     """ShapeDtypeStructs (with shardings) mirroring `state`, the restore target."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def data_states(local: dict) -> dict:
+    """Every host's data iterator state, to save: a streaming host's differs from the others'."""
+    return {"processes": gather_objects([local])}
+
+
+def own_data_state(saved: dict) -> dict:
+    """This host's iterator state from `data_states`' record."""
+    if "processes" not in saved:  # saved before the states were per host: one state for all
+        return saved
+    states = saved["processes"]
+    if len(states) != jax.process_count():
+        raise ValueError(f"the checkpoint holds the data states of {len(states)} processes; this run "
+                         f"has {jax.process_count()}: resume with as many")
+    return states[jax.process_index()]

@@ -34,37 +34,16 @@ from qwen_jax.data import (
     sample_photo_records,
     split_documents,
 )
+from qwen_jax.data.streaming import (TOKENIZER_SAMPLE_CHARS, TextRecords, TextStream,
+                                     stream_eval_batches)
 from qwen_jax.data.text_sources import TEXT_FILE_SUFFIXES, load_text_file
+from qwen_jax.experiment import default_data_config
 from qwen_jax.interop.init_from import tokenizer_file
 
 DATA_KINDS = ("text", "image_text")
 BUILT_IN_IMAGES = ("digits", "photos")
 BUILT_IN_VIDEOS = ("moving_digits", "camera_moves")
 EVAL_IMAGE_SHARE = 0.05  # of the image and of the video records, held out like the text documents
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """config.data's fields and defaults (a config file may leave the section out: text)."""
-    return ml_collections.ConfigDict({
-        "kind": "text",
-        # text: built-in "python_docs" and/or .jsonl / .array_record files of {"text": ...}, .txt files.
-        "text_sources": ["python_docs"],
-        # image_text only: built-in names or .jsonl / .array_record files.
-        "image_sources": ["digits", "photos"],
-        "image_weight": 0.35,  # share of rows drawn from the image-text records
-        "max_patches": 256,  # image patches per row (a multiple of spatial_merge_size^2)
-        "min_pixels": 32 * 32,
-        "max_pixels": 64 * 64,
-        # Videos ([] for none): built-in clip sets or files, as above (a file may mix both).
-        "video_sources": ["moving_digits", "camera_moves"],
-        "video_weight": 0.15,  # share of rows drawn from the video-text records
-        "max_video_patches": 128,  # video patches per row
-        "video_fps": 2.0,  # frames sampled per second of video
-        "max_frames": 8,
-        "video_max_pixels": 4 * 64 * 64,  # frames x height x width of a resized clip
-        "workers": 0,  # Grain worker processes building rows
-        "strict": False,  # stop at the first bad record instead of skipping and counting it
-    })
 
 
 @dataclasses.dataclass
@@ -79,9 +58,16 @@ class RunData:
     images: bool = False
     videos: bool = False
 
+    def skipped_now(self) -> dict[str, int]:
+        """Bad records by reason: those met while loading, and those a stream has read since."""
+        counts = collections.Counter(self.skipped)
+        if isinstance(self.iterator, TextStream):
+            counts.update(self.iterator.skipped)
+        return dict(sorted(counts.items()))
+
     def close(self) -> None:
-        """Stop the pipeline's worker processes, if it has any."""
-        if isinstance(self.iterator, MMBatchIterator):
+        """Stop the pipeline's worker processes or reading thread, if it has any."""
+        if isinstance(self.iterator, (MMBatchIterator, TextStream)):
             self.iterator.close()
 
 
@@ -150,6 +136,8 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
     """Tokenizer (init_from's, or trained once; kept in workdir), packed corpora, iterator and eval batches."""
     data = data_config(config)
     hosts = dict(process_index=process_index, process_count=process_count)
+    if data.streaming:
+        return _streamed_text(config, data, workdir, model_cfg, train_cfg, hosts)
     documents, skipped_files = load_text_documents(data.text_sources, data.strict)
     train_docs, held_out_docs = split_documents(documents, seed=0)
     images = data.kind == "image_text"
@@ -204,3 +192,22 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
         skipped.update(corpus.skipped)
     return RunData(model_cfg, iterator, eval_batches, dict(skipped), images=True,
                    videos=with_videos)
+
+
+def _streamed_text(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                   hosts: dict) -> RunData:
+    """RunData of a text corpus read as training goes (data.streaming)."""
+    if data.kind != "text":
+        raise ConfigError("data.streaming reads text only: set data.kind='text' or data.streaming=False")
+    records = TextRecords(data.text_sources)
+    tokenizer = load_or_train_tokenizer(
+        workdir / "tokenizer.json",
+        lambda: list(records.texts(held_out=False, strict=data.strict, max_chars=TOKENIZER_SAMPLE_CHARS)),
+        model_cfg.vocab_size, source=tokenizer_file(config.get("init_from")))
+    iterator = TextStream(records, tokenizer, seq_len=train_cfg.seq_len,
+                          global_batch_size=train_cfg.batch_size, seed=config.seed, strict=data.strict,
+                          **hosts)
+    eval_batches = stream_eval_batches(records, tokenizer, seq_len=train_cfg.seq_len,
+                                       batch_size=train_cfg.batch_size,
+                                       max_batches=train_cfg.eval_batches, strict=data.strict, **hosts)
+    return RunData(model_cfg, iterator, eval_batches, {})

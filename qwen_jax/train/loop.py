@@ -15,7 +15,7 @@ from qwen_jax.experiment import model_config, train_config
 from qwen_jax.interop.init_from import load_init_params
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
-from qwen_jax.train.checkpoint import Checkpointer, abstract_like
+from qwen_jax.train.checkpoint import Checkpointer, abstract_like, data_states, own_data_state
 from qwen_jax.train.datasets import build_run_data
 from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.reporting import WANDB_MODES, RunLogger
@@ -64,13 +64,13 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     if restored is not None:
         start, state, data_state, _ = restored
         print(f"resumed from step {start}", flush=True)
-        data.iterator.set_state(data_state)
+        data.iterator.set_state(own_data_state(data_state))
     else:
         start = 0
         params = (load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype)
                   if config.init_from else None)
         state = trainer.init_state(config.seed, params)
-    iterator, eval_batches, skipped = data.iterator, data.eval_batches, data.skipped
+    iterator, eval_batches = data.iterator, data.eval_batches
 
     if jax.process_index() == 0:
         resolved = {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
@@ -105,7 +105,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                   for layer, load in enumerate(expert_load)},
                "perf/step_time_s": elapsed, "perf/tokens_per_sec": tokens_per_step / elapsed,
                "perf/mfu": flops_per_token * tokens_per_step / elapsed / peak,
-               **{f"data/skipped/{reason}": n for reason, n in skipped.items()}}
+               **{f"data/skipped/{reason}": n for reason, n in data.skipped_now().items()}}
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
             row["eval/loss"] = evaluate(trainer, state["params"], eval_batches)
         logger.log(row, log=done % train_cfg.log_every == 0 or done == train_cfg.steps)
@@ -118,7 +118,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                 f"non-finite loss or gradient (train.max_bad_steps={train_cfg.max_bad_steps}); the "
                 "parameters were never updated with them")
         if done % config.checkpoint.every_steps == 0 or done == train_cfg.steps:
-            checkpointer.save(done, state, iterator.get_state(), {"step": done, "tokens": done * tokens_per_step})
+            checkpointer.save(done, state, data_states(iterator.get_state()),
+                              {"step": done, "tokens": done * tokens_per_step})
     profiler.stop()  # the run ended inside the window
     checkpointer.wait()
     checkpointer.close()
