@@ -24,12 +24,13 @@ def get_config():
         "group_size": 8,  # 256 episodes a step
         "max_new_tokens": 512,
         "max_turns": 1,
-        "max_length": 768,  # the prompt (at most 130 bytes of task, 32 of markup) + the reply
+        "max_length": 768,  # the prompt (at most 130 bytes of task, 69 of ChatML markup) + the reply
         "temperature": 1.0,
-        # Qwen's chat markup (ChatML) around the task and around each later environment reply (which
-        # follows the policy's <|im_end|>). Match it to your checkpoint's chat template.
-        "prompt_format": "<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n",
-        "reply_format": "\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n",
+        # The task, and each later environment reply (after the policy's <|im_end|>), as user turns of
+        # the checkpoint's own chat template, rendered as transformers renders it. Thinking is off: its
+        # reasoning would not fit in 512 new tokens.
+        "chat_template": "init_from",
+        "chat_template_kwargs": {"enable_thinking": False},
         "advantage": "grpo",
         "policy_loss": "dapo",  # clip-higher: low 0.2, high 0.28
         "clip_low": 0.2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -146,6 +147,7 @@ def cmd_generate(args, overrides) -> None:
 
     import numpy as np
 
+    from qwen_jax.data.chat import user_turns
     from qwen_jax.generate.engine import generate
     from qwen_jax.generate.loading import load_for_generation
 
@@ -155,7 +157,8 @@ def cmd_generate(args, overrides) -> None:
     if not prompts:
         raise SystemExit("error: give --prompt=TEXT or --prompts-file=FILE")
     model, tokenizer, stop_ids = load_for_generation(args.model)
-    out = generate(model, [tokenizer.encode(p).ids for p in prompts], max_new_tokens=args.max_new_tokens,
+    texts = user_turns(args.model, prompts, **json.loads(args.chat_kwargs)) if args.chat else prompts
+    out = generate(model, [tokenizer.encode(text).ids for text in texts], max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seeds=[args.seed + i for i in range(len(prompts))], stop_ids=stop_ids)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -193,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     gen.add_argument("--top-k", dest="top_k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true",
+                     help="each prompt as a user turn of the model's chat template")
+    gen.add_argument("--chat-kwargs", dest="chat_kwargs", default="{}",
+                     help='JSON for the chat template, e.g. {"enable_thinking": false}')
     gen.set_defaults(run=cmd_generate)
 
     info = commands.add_parser("info", help="print a preset's or config's model and parameter count")

@@ -41,9 +41,18 @@ def default_data_config() -> ml_collections.ConfigDict:
     })
 
 
-# Sections whose known fields may be set from the command line even if the file omits them.
+# Sections whose known fields may be set from the command line even if the file omits them (and rl's).
 TYPED_SECTIONS = {"model": MODEL_FIELDS, "train": {f.name for f in dataclasses.fields(TrainConfig)},
                   "data": set(default_data_config())}
+
+
+def _known_fields(section: str) -> set[str]:
+    """The fields config.<section> may take from the command line though the file leaves them out."""
+    if section == "rl":  # imported here: the RL loop imports this module
+        from qwen_jax.rl.loop import RLConfig
+
+        return {field.name for field in dataclasses.fields(RLConfig)}
+    return TYPED_SECTIONS.get(section, set())
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -91,7 +100,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         node = node[name]
     value = _parse_value(text)
     if leaf not in node:
-        if len(parents) == 1 and leaf in TYPED_SECTIONS.get(parents[0], ()):
+        if len(parents) == 1 and leaf in _known_fields(parents[0]):
             with node.unlocked():
                 node[leaf] = value
             return

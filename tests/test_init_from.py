@@ -2,6 +2,9 @@
 params and takes its tokenizer, including one shaped like Qwen's own (no pad token, `<|im_end|>`);
 RL prompts and environment replies in a chat model's markup."""
 
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from qwen_jax.rl.warmup import demonstrations
 from qwen_jax.train.loop import run_training
 from test_rl_loop import params_at
 
+CHAT_TEMPLATE = Path(__file__).parent / "data" / "qwen_like_chat_template.jinja"
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's order; it has no <|pad|>
 RL_OVERRIDES = ["wandb.mode=disabled", "model.hidden_size=64", "model.intermediate_size=128",
                 "model.num_hidden_layers=2", "rl.warmup_steps=0", "rl.groups=2", "rl.group_size=8",
@@ -47,6 +51,7 @@ def hf_policy(tmp_path_factory):
     save_hf(model, directory)
     texts = [prompt + answer for prompt, answer in demonstrations(make_env("arithmetic"), range(500))]
     qwen_like_tokenizer(texts, config.model.vocab_size).save(str(directory / "tokenizer.json"))
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE.read_text())
     return directory, nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -70,11 +75,15 @@ def test_rl_starts_from_an_hf_directory_then_from_a_checkpoint_step(hf_policy, t
     assert np.isfinite(rows[0]["actor/pg_loss"]) and rows[0]["actor/logprob_mismatch"] < 1e-4
     assert_params_equal(params_at(first, 1), params)
     assert (first / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
-    # A checkpoint step of that run: its params (not its optimizer state), its run's tokenizer.
-    run_rl(load_config("configs/rl_tiny.py", RL_OVERRIDES + [f"init_from={first / 'checkpoints' / '1'}"]),
-           second)
+    # A checkpoint step of that run: its params (not its optimizer state), its run's tokenizer and the
+    # chat template the run kept, whose ChatML turns the prompts take.
+    run_rl(load_config("configs/rl_tiny.py", RL_OVERRIDES + [
+        f"init_from={first / 'checkpoints' / '1'}", "rl.chat_template=init_from", "rl.max_length=40"]), second)
     assert_params_equal(params_at(second, 1), params)
     assert (second / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
+    assert (first / "chat_template.jinja").read_text() == CHAT_TEMPLATE.read_text()
+    rl = json.loads((second / "config.json").read_text())["rl"]
+    assert (rl["prompt_format"], rl["reply_format"]) == CHAT
 
 
 @pytest.mark.slow
@@ -115,11 +124,16 @@ def test_init_from_with_a_parameter_of_another_shape_is_named(hf_policy, tmp_pat
 def test_the_0_8b_rl_config_resolves_and_its_episodes_fit():
     from qwen_jax.rl.loop import rl_config
 
+    from qwen_jax.data.chat import chat_formats
+
     config = load_config("configs/rl_0_8b.py")
     rl, model = rl_config(config), model_config(config)
-    assert model.vocab_size == 248320 and rl.warmup_steps == 0
+    assert model.vocab_size == 248320 and rl.warmup_steps == 0 and rl.chat_template == "init_from"
+    # The prompt as a template shaped like Qwen's writes it, with the config's kwargs (no thinking).
+    prompt_format, _ = chat_formats(CHAT_TEMPLATE.read_text(), "<|im_end|>", **rl.chat_template_kwargs)
+    assert prompt_format.endswith("<think>\n\n</think>\n\n")
     env = make_env(rl.env, **rl.env_kwargs)
-    longest = max(len(rl.prompt_format.format(observation=env.reset(seed)[0]).encode())
+    longest = max(len(prompt_format.format(observation=env.reset(seed)[0]).encode())
                   for seed in range(200))  # byte-level BPE: at most one id a byte
     assert rl.max_length >= longest + rl.max_new_tokens, (longest, rl.max_length)
 

@@ -4,6 +4,7 @@ directory, a `qwen-jax convert` directory, or a checkpoint step of a train or RL
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -11,6 +12,7 @@ from flax import nnx
 
 from qwen_jax.config import ConfigError
 
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")
 SOURCES = ("an HF directory", "a `qwen-jax convert` directory", "a checkpoint step directory")
 
 
@@ -61,11 +63,27 @@ def _restore_params(state_dir: Path, abstract_params: dict) -> dict:
     return state["params"]
 
 
-def tokenizer_file(path: str | Path) -> Path | None:
-    """The source's tokenizer.json (a checkpoint step's: its run's), or None where it has none or no source
-    is given (init_from "")."""
+def tokenizer_dir(path: str | Path) -> Path | None:
+    """Where the source keeps its tokenizer files (a checkpoint step: its run's WORKDIR); None for no source."""
     if not path:
         return None
     path = Path(path)
-    file = (path.parent.parent if source_kind(path) == "checkpoint" else path) / "tokenizer.json"
-    return file if file.exists() else None
+    return path.parent.parent if source_kind(path) == "checkpoint" else path
+
+
+def tokenizer_file(path: str | Path) -> Path | None:
+    """The source's tokenizer.json (a checkpoint step's: its run's), or None where it has none or no source
+    is given (init_from "")."""
+    directory = tokenizer_dir(path)
+    file = directory / "tokenizer.json" if directory else None
+    return file if file and file.exists() else None
+
+
+def keep_chat_files(path: str | Path, workdir: Path) -> None:
+    """Copy the source's tokenizer_config.json and chat_template.jinja (where it has them) into the run's
+    workdir, so that a checkpoint step of this run is a source with the same chat template."""
+    directory = tokenizer_dir(path)
+    for name in CHAT_FILES:
+        source, kept = (directory / name if directory else None), workdir / name
+        if source and source.is_file() and not kept.exists() and jax.process_index() == 0:
+            shutil.copyfile(source, kept)

@@ -31,9 +31,10 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.config import ConfigError, TrainConfig
+from qwen_jax.data.chat import chat_formats, load_chat_template
 from qwen_jax.data.tokenizer import load_or_train_tokenizer, pad_id, stop_ids
 from qwen_jax.experiment import model_config
-from qwen_jax.interop.init_from import load_init_params, tokenizer_file
+from qwen_jax.interop.init_from import keep_chat_files, load_init_params, tokenizer_dir, tokenizer_file
 from qwen_jax.rl.advantages import compute_advantages
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import hashable_rules
@@ -51,6 +52,9 @@ from qwen_jax.train.reporting import RunLogger
 from qwen_jax.train.step import abstract_params, new_state, state_shardings_for
 
 EVAL_SEED_BASE = 10**9  # held-out prompts: seeds no training step reaches
+
+
+CHAT_REPLY_ROLES = ("user", "tool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,13 @@ class RLConfig:
     # A chat model wants its chat markup here (configs/rl_0_8b.py).
     prompt_format: str = "{observation}"
     reply_format: str = "{observation}"
+    # Or both from a chat template, as transformers renders it: "init_from" (the one beside init_from's
+    # tokenizer) or a .jinja file or HF directory; chat_template_kwargs go to it, e.g.
+    # {"enable_thinking": False}. Environment replies are turns of chat_reply_role: "user", or "tool"
+    # where they are a tool's results.
+    chat_template: str = ""
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
+    chat_reply_role: str = "user"
     advantage: str = "grpo"
     policy_loss: str = "ppo"
     clip_low: float = 0.2
@@ -104,6 +115,10 @@ class RLConfig:
                 f"rl.routing_replay must be True or False, got {self.routing_replay!r}")
         if self.temperature <= 0:
             raise ConfigError(f"rl.temperature must be > 0 (sampling), got {self.temperature}")
+        if self.chat_template and (self.prompt_format, self.reply_format) != ("{observation}",) * 2:
+            raise ConfigError("set rl.chat_template or rl.prompt_format / rl.reply_format, not both")
+        if self.chat_reply_role not in CHAT_REPLY_ROLES:
+            raise ConfigError(f"rl.chat_reply_role is {self.chat_reply_role!r}; choose one of {CHAT_REPLY_ROLES}")
         for name in ("prompt_format", "reply_format"):
             form = getattr(self, name)
             try:
@@ -130,6 +145,20 @@ def rl_config(config: ml_collections.ConfigDict) -> RLConfig:
     rl = RLConfig(**fields)
     rl.loss  # validates the loss names and clip ranges now, before anything is built
     return rl
+
+
+def with_chat_formats(rl: RLConfig, init_from: str, tokenizer) -> RLConfig:
+    """rl with the prompt and reply formats of rl.chat_template, where it names one."""
+    if not rl.chat_template:
+        return rl
+    if rl.chat_template == "init_from" and not init_from:
+        raise ConfigError("rl.chat_template='init_from' takes the template of init_from, which is not set")
+    where = tokenizer_dir(init_from) if rl.chat_template == "init_from" else Path(rl.chat_template)
+    template, special_tokens = load_chat_template(where, f"rl.chat_template={rl.chat_template!r}")
+    stop_text = tokenizer.id_to_token(stop_ids(tokenizer)[0])
+    prompt, reply = chat_formats(template, stop_text, special_tokens, rl.chat_reply_role,
+                                 **rl.chat_template_kwargs)
+    return dataclasses.replace(rl, chat_template="", prompt_format=prompt, reply_format=reply)
 
 
 def step_seeds(rl: RLConfig, step: int) -> list[int]:
@@ -222,6 +251,8 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     tokenizer = load_or_train_tokenizer(
         workdir / "tokenizer.json", lambda: [text for text, _ in demonstrations(env, range(4000))],
         model_cfg.vocab_size, source=tokenizer_file(config.init_from))
+    keep_chat_files(config.init_from, workdir)
+    rl = with_chat_formats(rl, config.init_from, tokenizer)
     graphdef, shapes = abstract_params(model_cfg)
     optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
                                            steps=rl.steps * rl.minibatches, weight_decay=0.0))

@@ -12,7 +12,7 @@ import ml_collections
 
 from qwen_jax.config import ConfigError
 from qwen_jax.experiment import model_config, train_config
-from qwen_jax.interop.init_from import load_init_params
+from qwen_jax.interop.init_from import keep_chat_files, load_init_params
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.checkpoint import Checkpointer, abstract_like, data_states, own_data_state
@@ -55,6 +55,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     data = build_run_data(config, workdir, model_cfg, train_cfg, process_index=layout.row_block,
                           process_count=layout.row_blocks)
     model_cfg = data.model_config  # with the tokenizer's vision token ids
+    keep_chat_files(config.get("init_from"), workdir)
     trainer = make_trainer(model_cfg, train_cfg, mesh, rules_from_config(config),
                            images=data.images, videos=data.videos)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
