@@ -117,6 +117,23 @@ def test_an_rl_config_takes_its_formats_from_a_template(tmp_path):
         RLConfig(chat_reply_role="system")
 
 
+def test_an_environment_s_tools_reach_the_template(tmp_path):
+    """tool_use with Qwen-style calls: the template lists the calculator's schema in the system turn,
+    whose JSON braces stay text in the format; the environment's results come back as tool turns."""
+    from qwen_jax.rl.envs.tools import ToolUseEnv
+    from qwen_jax.rl.loop import RLConfig, with_chat_formats
+
+    env = ToolUseEnv(call_format="json")
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    rl = with_chat_formats(RLConfig(chat_template=str(tmp_path / "chat.jinja"), chat_reply_role="tool"), "",
+                           qwen_like_tokenizer(["hello"] * 10, 300), env.tools)
+    task, _ = env.reset(3)
+    messages = [{"role": "user", "content": task}]
+    assert rl.prompt_format.format(observation=task) == render_chat(
+        TEMPLATE, messages, add_generation_prompt=True, tools=env.tools)
+    assert '"name": "calculator"' in rl.prompt_format and "<tool_response>" in rl.reply_format
+
+
 def test_cli_generate_chat_encodes_the_prompt_as_transformers_does(tmp_path, capsys):
     """`qwen-jax generate --chat`: the user turn's ids are apply_chat_template's, and the greedy
     continuation is transformers' generate from them."""

@@ -175,3 +175,19 @@ def test_prompts_and_replies_go_through_the_chat_formats(hf_policy):
 def test_a_format_without_its_placeholder_is_named(form):
     with pytest.raises(ConfigError, match=r"rl.prompt_format"):
         RLConfig(prompt_format=form)
+
+
+def test_the_0_8b_tool_use_config_resolves_and_its_episodes_fit():
+    """Four turns of the longest replies, the first three followed by a calculator's result (in the
+    template's tool-response turn), fit after the prompt with its tool listing."""
+    from qwen_jax.data.chat import chat_formats
+    from qwen_jax.rl.loop import rl_config
+
+    rl = rl_config(load_config("configs/rl_tools_0_8b.py"))
+    env = make_env(rl.env, **rl.env_kwargs)
+    prompt_format, reply_format = chat_formats(CHAT_TEMPLATE.read_text(), "<|im_end|>", None, rl.chat_reply_role,
+                                               tools=env.tools, **rl.chat_template_kwargs)
+    assert "<tool_response>" in reply_format and '"name": "calculator"' in prompt_format
+    longest = max(len(prompt_format.format(observation=env.reset(seed)[0]).encode()) for seed in range(200))
+    result = len(reply_format.format(observation="9" * 64).encode())  # a number or a short error
+    assert rl.max_length >= longest + rl.max_turns * rl.max_new_tokens + (rl.max_turns - 1) * result, longest

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import threading
 import time
@@ -417,3 +418,30 @@ def test_jax_env_adapter_runs_in_the_pool():
         actions[0] = [0, 0, 0, 0]
         results = pool.step(actions)
         assert results[0].reward == 0.0 and all(results[s].reward == 1.0 for s in range(1, 8))
+
+
+def test_tool_env_takes_qwen_style_json_tool_calls():
+    """call_format="json": `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the tool described
+    by `env.tools`, its bare output back (a chat template wraps it as a tool response)."""
+    from qwen_jax.rl.envs.tools import tool_schema
+
+    env = ToolUseEnv(tool="calculator", max_turns=6, call_format="json")
+    assert env.tools == [tool_schema("calculator")] and ToolUseEnv().tools == []
+    prompt, info = env.reset(11)
+    assert "call the calculator tool" in prompt and "<tool>" not in prompt
+    call = {"name": "calculator", "arguments": {"expression": info["expression"]}}
+    assert env.step(f"<tool_call>\n{json.dumps(call)}\n</tool_call>")[:3] == (str(info["expected"]), 0.0, False)
+    # Arguments written as a JSON string, as some models do.
+    call["arguments"] = json.dumps(call["arguments"])
+    assert env.step(f"<tool_call>{json.dumps(call)}</tool_call>")[0] == str(info["expected"])
+    assert env.step("<tool_call>{not json</tool_call>")[0].startswith("error: the tool call is not JSON")
+    assert env.step('<tool_call>{"name": "python", "arguments": {}}</tool_call>')[0] == (
+        "error: call the tool named 'calculator'")
+    assert env.step('<tool>1+1</tool>')[0] == "error: write <tool_call>...</tool_call> or <answer>...</answer>"
+    _, reward, done, step_info = env.step(f"<answer>{info['expected']}</answer>")
+    assert (reward, done, step_info["outcome"]) == (1.0, True, "correct")
+    python = ToolUseEnv(tool="python", call_format="json")
+    python.reset(5)
+    assert python.step('<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>')[0] == "42\n"
+    with pytest.raises(ConfigError, match="call_format must be one of"):
+        ToolUseEnv(call_format="xml")

@@ -147,8 +147,9 @@ def rl_config(config: ml_collections.ConfigDict) -> RLConfig:
     return rl
 
 
-def with_chat_formats(rl: RLConfig, init_from: str, tokenizer) -> RLConfig:
-    """rl with the prompt and reply formats of rl.chat_template, where it names one."""
+def with_chat_formats(rl: RLConfig, init_from: str, tokenizer, tools: list[dict] = ()) -> RLConfig:
+    """rl with the prompt and reply formats of rl.chat_template, where it names one; the template
+    lists `tools` (the environment's tool schemas) unless chat_template_kwargs gives its own."""
     if not rl.chat_template:
         return rl
     if rl.chat_template == "init_from" and not init_from:
@@ -156,8 +157,8 @@ def with_chat_formats(rl: RLConfig, init_from: str, tokenizer) -> RLConfig:
     where = tokenizer_dir(init_from) if rl.chat_template == "init_from" else Path(rl.chat_template)
     template, special_tokens = load_chat_template(where, f"rl.chat_template={rl.chat_template!r}")
     stop_text = tokenizer.id_to_token(stop_ids(tokenizer)[0])
-    prompt, reply = chat_formats(template, stop_text, special_tokens, rl.chat_reply_role,
-                                 **rl.chat_template_kwargs)
+    kwargs = {"tools": list(tools), **rl.chat_template_kwargs} if tools else rl.chat_template_kwargs
+    prompt, reply = chat_formats(template, stop_text, special_tokens, rl.chat_reply_role, **kwargs)
     return dataclasses.replace(rl, chat_template="", prompt_format=prompt, reply_format=reply)
 
 
@@ -252,7 +253,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
         workdir / "tokenizer.json", lambda: [text for text, _ in demonstrations(env, range(4000))],
         model_cfg.vocab_size, source=tokenizer_file(config.init_from))
     keep_chat_files(config.init_from, workdir)
-    rl = with_chat_formats(rl, config.init_from, tokenizer)
+    rl = with_chat_formats(rl, config.init_from, tokenizer, getattr(env, "tools", ()))
     graphdef, shapes = abstract_params(model_cfg)
     optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
                                            steps=rl.steps * rl.minibatches, weight_decay=0.0))

@@ -9,6 +9,9 @@ Multi-turn: `step` returns done=False with a new observation (a tool result, say
 isinstance(env, Env) or AsyncEnv checks the method names only; inspect.iscoroutinefunction(env.step)
 tells the two apart.
 
+An environment whose actions call tools may list them in `env.tools` (function schemas); with
+rl.chat_template, the chat template shows them to the model.
+
 A config chooses an env by name: `make_env(config.env_name, **config.env_kwargs)`. The built-in
 names are registered when `qwen_jax.rl.envs` is imported; `register_env` adds more.
 """
