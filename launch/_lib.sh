@@ -91,12 +91,10 @@ require_positive_int() {
   [[ $1 =~ ^[1-9][0-9]*$ ]] || die "$2 must be a positive integer, got '$1'"
 }
 
-# warn_unless_gcs WORKDIR: every host writes checkpoints to the same WORKDIR, so on a
-# pod it must be storage that all hosts share; a gs:// bucket is the usual choice.
-warn_unless_gcs() {
+# require_path_workdir WORKDIR: qwen-jax reads and writes WORKDIR through the file system, so a
+# bucket URL will not do: on a pod every host mounts the same storage (Cloud Storage FUSE, NFS).
+require_path_workdir() {
   case $1 in
-    gs://*) ;;
-    *) printf '%s: warning: --workdir=%s is not a gs:// path; every host must see the same workdir\n' \
-         "$PROG" "$1" >&2 ;;
+    *://*) die "--workdir=$1 is a URL, but qwen-jax writes its workdir through the file system: mount the bucket on every host (Cloud Storage FUSE) and give the mount's path, e.g. --workdir=/gcs/${1#*://}" ;;
   esac
 }

@@ -67,6 +67,7 @@ require "$NODES" --nodes
 require "$GPUS" --gpus-per-node
 require "$CONFIG" --config
 require "$WORKDIR" --workdir
+require_path_workdir "$WORKDIR"
 require "$JOB_NAME" --job-name
 require_positive_int "$NODES" --nodes
 require_positive_int "$GPUS" --gpus-per-node

@@ -49,6 +49,7 @@ done
 require "$NUM" --num-processes
 require "$CONFIG" --config
 require "$WORKDIR" --workdir
+require_path_workdir "$WORKDIR"
 require_positive_int "$NUM" --num-processes
 require_positive_int "$PORT" --port
 ((PORT <= 65535)) || die "--port must be at most 65535, got '$PORT'"

@@ -6,7 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
 usage() {
   cat <<EOF
-Usage: $PROG --tpu=NAME --zone=ZONE [--project=PROJECT] --config=FILE --workdir=gs://...
+Usage: $PROG --tpu=NAME --zone=ZONE [--project=PROJECT] --config=FILE --workdir=DIR
          [--repo-dir=DIR] [--setup=CMD | --no-setup] [--copy] [--dry-run]
          [--config.a.b=V ...] [-- EXTRA TRAIN ARGS...]
 
@@ -18,8 +18,8 @@ JAX finds the other hosts of the slice by itself; no coordinator flags are neede
   --zone=ZONE       its zone (required)
   --project=P       GCP project (default: gcloud's configured project)
   --config=FILE     config file, relative to DIR on the VM (required)
-  --workdir=gs://B/RUN
-                    checkpoints and logs; every host must see it, so use a bucket (required)
+  --workdir=DIR     checkpoints and logs; every host must see it: a bucket mounted on every
+                    host with Cloud Storage FUSE (e.g. /gcs/B/RUN), NFS or Filestore (required)
   --repo-dir=DIR    the qwen-jax checkout on each VM (default: ~/qwen-jax)
   --setup=CMD       shell command run in DIR before training
                     (default: pip install -e . "jax[tpu]"; the jax[tpu] extra brings libtpu)
@@ -35,7 +35,7 @@ The training lives as long as this ssh session; run the launcher under tmux or n
 
 Example:
   $PROG --tpu=my-v5p-64 --zone=us-east5-a --config=configs/pretrain_0_8b.py \\
-      --workdir=gs://my-bucket/runs/0_8b --copy -- --config.train.steps=20000
+      --workdir=/gcs/my-bucket/runs/0_8b --copy -- --config.train.steps=20000
 EOF
 }
 
@@ -68,8 +68,8 @@ require "$TPU" --tpu
 require "$ZONE" --zone
 require "$CONFIG" --config
 require "$WORKDIR" --workdir
+require_path_workdir "$WORKDIR"
 require "$REPO_DIR" --repo-dir
-warn_unless_gcs "$WORKDIR"
 
 # Flags common to every gcloud call; --worker=all runs the command on all hosts at once.
 GCLOUD_FLAGS=(--zone="$ZONE")

@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 usage() {
   cat <<EOF
 Usage: $PROG --cluster=C --workload=W --tpu-type=TYPE --docker-image=IMG
-         --config=FILE --workdir=gs://... [--num-slices=N] [--zone=Z] [--project=P]
+         --config=FILE --workdir=DIR [--num-slices=N] [--zone=Z] [--project=P]
          [--xpk-arg=ARG ...] [--dry-run] [--config.a.b=V ...] [-- EXTRA TRAIN ARGS...]
 
 Runs:
@@ -27,8 +27,8 @@ xpk starts the command on every host of every slice; JAX finds its peers by itse
   --zone=Z, --project=P
                     GCP zone and project (default: gcloud's configured ones)
   --config=FILE     config file, inside the image (required)
-  --workdir=gs://B/RUN
-                    checkpoints and logs; every host must see it, so use a bucket (required)
+  --workdir=DIR     checkpoints and logs; every host must see it: a bucket mounted on every
+                    host with Cloud Storage FUSE (e.g. /gcs/B/RUN), NFS or Filestore (required)
   --xpk-arg=ARG     one more argument for xpk, e.g. --xpk-arg=--max-restarts=3 (repeatable)
   --dry-run         print the command and run nothing
   --config.a.b=V    passed on to qwen-jax train, as is everything after --
@@ -36,7 +36,7 @@ xpk starts the command on every host of every slice; JAX finds its peers by itse
 Example:
   $PROG --cluster=my-cluster --workload=qwen-0-8b --tpu-type=v5p-128 --num-slices=2 \\
       --docker-image=us-docker.pkg.dev/my-proj/qwen/qwen-jax:latest \\
-      --config=configs/pretrain_0_8b.py --workdir=gs://my-bucket/runs/0_8b
+      --config=configs/pretrain_0_8b.py --workdir=/gcs/my-bucket/runs/0_8b
 EOF
 }
 
@@ -70,13 +70,13 @@ require "$TPU_TYPE" --tpu-type
 require "$IMAGE" --docker-image
 require "$CONFIG" --config
 require "$WORKDIR" --workdir
+require_path_workdir "$WORKDIR"
 require_positive_int "$NUM_SLICES" --num-slices
 # xpk's own rule for workload names (they become Kubernetes object names).
 if [[ ! $WORKLOAD =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || ((${#WORKLOAD} > 40)); then
   die "--workload must be lowercase letters, digits and '-', start with a letter," \
     "end with a letter or digit, and be at most 40 characters; got '$WORKLOAD'"
 fi
-warn_unless_gcs "$WORKDIR"
 
 CMD=(xpk workload create --cluster="$CLUSTER" --workload="$WORKLOAD" --tpu-type="$TPU_TYPE"
   --num-slices="$NUM_SLICES" --docker-image="$IMAGE")

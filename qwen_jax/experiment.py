@@ -55,6 +55,17 @@ def _known_fields(section: str) -> set[str]:
     return TYPED_SECTIONS.get(section, set())
 
 
+def local_workdir(workdir: str | Path) -> Path:
+    """--workdir as a Path. A URL is refused: the run writes its workdir through the file system, and
+    pathlib would turn gs://b/run into a local directory gs:/b/run on each host."""
+    text = str(workdir)
+    if "://" in text:
+        raise ConfigError(f"--workdir={text} is a URL, but qwen-jax writes its workdir through the file "
+                          "system: mount the bucket on every host (Cloud Storage FUSE) and give the "
+                          f"mount's path, e.g. --workdir=/gcs/{text.split('://', 1)[1]}")
+    return Path(workdir)
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     """Run `path`'s get_config() and apply overrides like 'train.lr=3e-4' (without '--config.')."""
     path = Path(path)

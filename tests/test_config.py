@@ -69,3 +69,16 @@ def test_vision_config_from_a_config_file_override():
     assert model_config(named).vision == VISION_PRESETS["tiny"]
     with pytest.raises(ConfigError, match="model.vision 'huge' is unknown; towers: .*'tiny'"):
         model_config(load_config("configs/pretrain_tiny.py", ["model.vision=huge"]))
+
+
+@pytest.mark.parametrize("run", ["train", "rl"])
+def test_a_bucket_url_workdir_is_refused_before_anything_is_written(run, tmp_path, monkeypatch):
+    """pathlib would make gs://bucket/run a local gs:/bucket/run: the run refuses it and names the fix."""
+    from qwen_jax.rl.loop import run_rl
+    from qwen_jax.train.loop import run_training
+
+    config = load_config(f"configs/{'pretrain' if run == 'train' else 'rl'}_tiny.py")
+    monkeypatch.chdir(tmp_path)  # where a gs: directory would appear
+    with pytest.raises(ConfigError, match=r"--workdir=gs://bucket/run is a URL.*e.g. --workdir=/gcs/bucket/run"):
+        (run_training if run == "train" else run_rl)(config, "gs://bucket/run")
+    assert list(tmp_path.iterdir()) == []

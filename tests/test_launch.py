@@ -22,13 +22,13 @@ LAUNCH = REPO / "launch"
 SBATCH_SCRIPT = LAUNCH / "gpu_slurm.sbatch"
 
 CONFIG = "configs/pretrain_0_8b.py"
-GCS_WORKDIR = "gs://bucket/runs/0_8b"
-TRAIN = f"qwen-jax train --config={CONFIG} --workdir={GCS_WORKDIR}"
+SHARED_WORKDIR = "/gcs/bucket/runs/0_8b"  # a bucket mounted on every host
+TRAIN = f"qwen-jax train --config={CONFIG} --workdir={SHARED_WORKDIR}"
 
-TPU_ARGS = ["--tpu=my-v5p", "--zone=us-east5-a", f"--config={CONFIG}", f"--workdir={GCS_WORKDIR}"]
+TPU_ARGS = ["--tpu=my-v5p", "--zone=us-east5-a", f"--config={CONFIG}", f"--workdir={SHARED_WORKDIR}"]
 XPK_ARGS = [
     "--cluster=my-cluster", "--workload=qwen-0-8b", "--tpu-type=v5p-128",
-    "--docker-image=gcr.io/my-proj/qwen-jax:latest", f"--config={CONFIG}", f"--workdir={GCS_WORKDIR}",
+    "--docker-image=gcr.io/my-proj/qwen-jax:latest", f"--config={CONFIG}", f"--workdir={SHARED_WORKDIR}",
 ]
 SLURM_ARGS = ["--nodes=2", "--gpus-per-node=8", f"--config={CONFIG}", "--workdir=/shared/runs/0_8b"]
 LOCAL_CONFIG = "configs/pretrain_tiny.py"
@@ -287,9 +287,13 @@ def test_help(stubs, script):
     assert calls(stubs) == []
 
 
-def test_tpu_workdir_not_on_gcs_warns(stubs):
-    result = launch("tpu_pod.sh", *without(TPU_ARGS, "--workdir"), "--workdir=/tmp/run", "--dry-run", env=stubs)
-    assert result.returncode == 0 and "warning: --workdir=/tmp/run is not a gs:// path" in result.stderr
+@pytest.mark.parametrize("script, args", [("tpu_pod.sh", TPU_ARGS), ("tpu_xpk.sh", XPK_ARGS),
+                                          ("gpu_slurm.sh", SLURM_ARGS), ("local.sh", LOCAL_ARGS)])
+def test_a_bucket_url_workdir_is_refused(stubs, script, args):
+    """qwen-jax writes WORKDIR through the file system: gs://B/RUN would become a local gs:/B/RUN."""
+    result = launch(script, *without(args, "--workdir"), "--workdir=gs://bucket/runs/0_8b", "--dry-run", env=stubs)
+    assert result.returncode == 2 and "--workdir=gs://bucket/runs/0_8b is a URL" in result.stderr
+    assert "e.g. --workdir=/gcs/bucket/runs/0_8b" in result.stderr and calls(stubs) == []
 
 
 # --- launch/README.md ---------------------------------------------------------------------

@@ -33,7 +33,7 @@ from flax import nnx
 from qwen_jax.config import ConfigError, TrainConfig
 from qwen_jax.data.chat import chat_formats, load_chat_template
 from qwen_jax.data.tokenizer import load_or_train_tokenizer, pad_id, stop_ids
-from qwen_jax.experiment import model_config
+from qwen_jax.experiment import local_workdir, model_config
 from qwen_jax.interop.init_from import keep_chat_files, load_init_params, tokenizer_dir, tokenizer_file
 from qwen_jax.rl.advantages import compute_advantages
 from qwen_jax.parallel.mesh import make_mesh
@@ -244,7 +244,7 @@ def greedy_accuracy(params, learner: Learner, tokenizer, rl: RLConfig) -> float:
 def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]:
     """RL per `config` in `workdir`, resuming from its latest checkpoint; returns the logged rows."""
     maybe_initialize_distributed()
-    workdir = Path(workdir)
+    workdir = local_workdir(workdir)
     rl = rl_config(config)
     model_cfg = model_config(config)
     workdir.mkdir(parents=True, exist_ok=True)

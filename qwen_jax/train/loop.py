@@ -11,7 +11,7 @@ import jax
 import ml_collections
 
 from qwen_jax.config import ConfigError
-from qwen_jax.experiment import model_config, train_config
+from qwen_jax.experiment import local_workdir, model_config, train_config
 from qwen_jax.interop.init_from import keep_chat_files, load_init_params
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
@@ -45,7 +45,7 @@ def check_run_fields(config: ml_collections.ConfigDict) -> None:
 def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]:
     """Train per `config` in `workdir`, resuming from its latest complete checkpoint; returns the logged rows."""
     maybe_initialize_distributed()
-    workdir = Path(workdir)
+    workdir = local_workdir(workdir)
     check_run_fields(config)
     model_cfg, train_cfg = model_config(config), train_config(config)
     mesh = make_mesh(dict(config.mesh))
