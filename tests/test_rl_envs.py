@@ -445,3 +445,14 @@ def test_tool_env_takes_qwen_style_json_tool_calls():
     assert python.step('<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>')[0] == "42\n"
     with pytest.raises(ConfigError, match="call_format must be one of"):
         ToolUseEnv(call_format="xml")
+
+
+def test_tool_env_demonstrations_are_winning_replies():
+    """The warm-up trains on `env.demonstration`: an answer in its tags, which ends the episode with
+    full reward (a bare " 1234" would only cost a turn)."""
+    from qwen_jax.rl.warmup import demonstrations
+
+    env = ToolUseEnv()
+    (prompt, reply), = demonstrations(env, [7])
+    assert prompt == env.reset(7)[0]
+    assert env.step(reply)[1:3] == (1.0, True)

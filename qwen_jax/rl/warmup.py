@@ -20,10 +20,14 @@ ANSWER_FIELDS = ("expected", "solution")  # where the built-in tasks keep the ri
 
 
 def demonstrations(env, seeds: Iterable[int]) -> list[tuple[str, str]]:
-    """(prompt, " answer") pairs from a task whose reset info holds the answer."""
+    """(prompt, reply) pairs from a task whose reset info holds the answer: env.demonstration(info)
+    where the task writes its replies in a format of its own, else " answer"."""
     pairs = []
     for seed in seeds:
         prompt, info = env.reset(seed)
+        if hasattr(env, "demonstration") and isinstance(prompt, str):
+            pairs.append((prompt, env.demonstration(info)))
+            continue
         field = next((name for name in ANSWER_FIELDS if name in info), None)
         if field is None or not isinstance(prompt, str):
             raise ConfigError(f"rl.warmup_steps > 0 needs a text task whose reset info holds the "

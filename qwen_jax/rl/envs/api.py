@@ -10,7 +10,9 @@ isinstance(env, Env) or AsyncEnv checks the method names only; inspect.iscorouti
 tells the two apart.
 
 An environment whose actions call tools may list them in `env.tools` (function schemas); with
-rl.chat_template, the chat template shows them to the model.
+rl.chat_template, the chat template shows them to the model. One whose replies have a format of
+their own says what a winning reply looks like in `env.demonstration(reset_info)` (the supervised
+warm-up trains on it; otherwise on " " + the answer in the reset info).
 
 A config chooses an env by name: `make_env(config.env_name, **config.env_kwargs)`. The built-in
 names are registered when `qwen_jax.rl.envs` is imported; `register_env` adds more.

@@ -187,6 +187,10 @@ class ToolUseEnv:
         output = output[:_MAX_RESULT_CHARS]
         return (f"<result>{output}</result>" if self.call_format == "tags" else output), 0.0, False, info
 
+    def demonstration(self, info: dict[str, Any]) -> str:
+        """A reply that ends an episode with full reward: the answer, in its tags (the warm-up's target)."""
+        return f"<answer>{info['expected']}</answer>"
+
     def _run_tool(self, text: str) -> str:
         if self.tool == "calculator":
             return calculator(text)
