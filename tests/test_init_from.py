@@ -191,3 +191,48 @@ def test_the_0_8b_tool_use_config_resolves_and_its_episodes_fit():
     longest = max(len(prompt_format.format(observation=env.reset(seed)[0]).encode()) for seed in range(200))
     result = len(reply_format.format(observation="9" * 64).encode())  # a number or a short error
     assert rl.max_length >= longest + rl.max_turns * rl.max_new_tokens + (rl.max_turns - 1) * result, longest
+
+
+def test_visible_reply_is_what_follows_the_reasoning():
+    from qwen_jax.rl.rollout import visible_reply
+
+    assert visible_reply("<think>\nadd them\n</think>\n\n42", opened=False) == "42"
+    assert visible_reply("add them\n</think>\n\n42", opened=True) == "42"  # the prompt opened the block
+    assert visible_reply("still thinking about 42", opened=True) == ""  # never closed: no answer
+    assert visible_reply("<think>still thinking about 42", opened=False) == ""
+    assert visible_reply("42", opened=False) == "42"  # no reasoning at all
+
+
+class ThinkingReplies:
+    """A tokenizer whose every decoded reply is a think block, then the answer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text):
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids, **kwargs):
+        return "<think>\nit is 1 more\n</think>\n\n7"
+
+
+ACTIONS = []
+
+
+class RecordingEnv(TwoTurnEnv):
+    def step(self, action):
+        ACTIONS.append(action)
+        return super().step(action)
+
+
+@pytest.mark.parametrize("hide_thinking, seen", [(True, "7"), (False, "<think>\nit is 1 more\n</think>\n\n7")])
+def test_hide_thinking_shows_the_environment_the_answer_only(hf_policy, hide_thinking, seen):
+    directory, _ = hf_policy
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ACTIONS.clear()
+    with EnvPool(RecordingEnv, 2) as pool:
+        episodes = play_episodes(load_hf(directory), ThinkingReplies(tokenizer), pool, [3, 4], max_new_tokens=3,
+                                 max_turns=2, max_length=64, temperature=1.0, sample_seed=0,
+                                 stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer), formats=CHAT,
+                                 hide_thinking=hide_thinking)
+    assert ACTIONS == [seen] * 4 and episodes.loss_mask.sum() > 0  # two turns of two episodes

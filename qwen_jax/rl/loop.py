@@ -84,6 +84,8 @@ class RLConfig:
     chat_template: str = ""
     chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     chat_reply_role: str = "user"
+    # Thinking models: the environment sees each reply without its reasoning (after </think>).
+    hide_thinking: bool = False
     advantage: str = "grpo"
     policy_loss: str = "ppo"
     clip_low: float = 0.2
@@ -110,9 +112,9 @@ class RLConfig:
         if (self.groups * self.group_size) % self.minibatches:
             raise ConfigError(f"rl.groups x rl.group_size ({self.groups * self.group_size}) must "
                               f"be a multiple of rl.minibatches ({self.minibatches})")
-        if not isinstance(self.routing_replay, bool):
-            raise ConfigError(
-                f"rl.routing_replay must be True or False, got {self.routing_replay!r}")
+        for name in ("routing_replay", "hide_thinking"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"rl.{name} must be True or False, got {getattr(self, name)!r}")
         if self.temperature <= 0:
             raise ConfigError(f"rl.temperature must be > 0 (sampling), got {self.temperature}")
         if self.chat_template and (self.prompt_format, self.reply_format) != ("{observation}",) * 2:
@@ -177,8 +179,8 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
                              max_new_tokens=rl.max_new_tokens, max_turns=rl.max_turns,
                              max_length=rl.max_length, temperature=rl.temperature,
                              sample_seed=seed * 100003 + step, stop_ids=stop, pad_id=padding,
-                             formats=(rl.prompt_format, rl.reply_format), mesh=learner.mesh,
-                             rules=learner.rules)
+                             formats=(rl.prompt_format, rl.reply_format), hide_thinking=rl.hide_thinking,
+                             mesh=learner.mesh, rules=learner.rules)
     rollout_s = time.perf_counter() - started - episodes.env_seconds
 
     started = time.perf_counter()
@@ -237,7 +239,8 @@ def greedy_accuracy(params, learner: Learner, tokenizer, rl: RLConfig) -> float:
             [EVAL_SEED_BASE + i for i in range(rl.eval_prompts)], max_new_tokens=rl.max_new_tokens,
             max_turns=rl.max_turns, max_length=rl.max_length, temperature=0.0, sample_seed=0,
             stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer),
-            formats=(rl.prompt_format, rl.reply_format), mesh=learner.mesh, rules=learner.rules)
+            formats=(rl.prompt_format, rl.reply_format), hide_thinking=rl.hide_thinking,
+            mesh=learner.mesh, rules=learner.rules)
     return float(episodes.rewards.mean())
 
 

@@ -23,6 +23,9 @@ from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.rl.hosts import to_host
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
 @dataclasses.dataclass(frozen=True)
 class Episodes:
     """N finished episodes, padded to max_length tokens."""
@@ -44,15 +47,24 @@ def _encode(tokenizer: Tokenizer, observation, form: str) -> list[int]:
     return tokenizer.encode(form.format(observation=observation)).ids
 
 
+def visible_reply(text: str, opened: bool) -> str:
+    """A thinking model's reply as its environment sees it: what follows the reasoning (the last
+    </think>). A think block that never closes (`opened`: the prompt began it) leaves nothing."""
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].lstrip("\n")
+    return "" if opened or THINK_OPEN in text else text
+
+
 def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
                   max_new_tokens: int, max_turns: int, max_length: int, temperature: float,
                   sample_seed: int, stop_ids: Sequence[int], pad_id: int,
-                  formats: tuple[str, str] = ("{observation}", "{observation}"), mesh=None,
-                  rules=DEFAULT_RULES) -> Episodes:
+                  formats: tuple[str, str] = ("{observation}", "{observation}"), hide_thinking: bool = False,
+                  mesh=None, rules=DEFAULT_RULES) -> Episodes:
     """One episode per slot of `pool` (an EnvPool or HostSharedPool; slot i resets with
     seeds[i]); returns them as token arrays. Text observations go through `formats` (the first
-    one's, then the replies'; "{observation}" is the text). With a `mesh`, the sampler's rows and
-    cache are sharded over it as in `generate`."""
+    one's, then the replies'; "{observation}" is the text). With hide_thinking the environment
+    sees each reply without its reasoning (`visible_reply`); the episode keeps every token. With a
+    `mesh`, the sampler's rows and cache are sharded over it as in `generate`."""
     count = len(seeds)
     env_seconds = 0.0
     started = time.perf_counter()
@@ -99,8 +111,10 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
             ids[row] += new
             sampled[row] += [1] * len(new)
             logprobs[row] += new_logprobs[row, :lengths[row]].tolist()
-            answer = new[:-1] if new and new[-1] in stop_ids else new
-            actions[int(row)] = tokenizer.decode(answer)
+            answer = tokenizer.decode(new[:-1] if new and new[-1] in stop_ids else new)
+            # Did this turn's prompt open a think block (a template with thinking on may)?
+            opened = formats[turn > 0].rstrip().endswith(THINK_OPEN)
+            actions[int(row)] = visible_reply(answer, opened) if hide_thinking else answer
         started = time.perf_counter()
         results = pool.step(actions)
         env_seconds += time.perf_counter() - started
