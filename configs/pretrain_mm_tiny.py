@@ -5,8 +5,7 @@ the photos)."""
 
 from pathlib import Path
 
-from qwen_jax.experiment import load_config
-from qwen_jax.train.datasets import default_data_config
+from qwen_jax.experiment import default_data_config, load_config
 
 
 def get_config():

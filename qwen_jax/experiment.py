@@ -20,8 +20,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         "kind": "text",
         # text: built-in "python_docs" and/or .jsonl / .array_record files of {"text": ...}, .txt files.
         "text_sources": ["python_docs"],
-        # text only: read, tokenise and pack records as training goes (corpora bigger than memory;
-        # documents are shuffled, not packed rows) instead of packing the whole corpus at start.
+        # Read, tokenise and pack documents as training goes (corpora bigger than memory; documents
+        # are shuffled, not packed rows) instead of packing everything at start.
         "streaming": False,
         # image_text only: built-in names or .jsonl / .array_record files.
         "image_sources": ["digits", "photos"],
@@ -36,7 +36,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         "video_fps": 2.0,  # frames sampled per second of video
         "max_frames": 8,
         "video_max_pixels": 4 * 64 * 64,  # frames x height x width of a resized clip
-        "workers": 0,  # Grain worker processes building rows
+        "workers": 0,  # Grain worker processes building rows (in memory; a stream reads in threads)
         "strict": False,  # stop at the first bad record instead of skipping and counting it
     })
 

@@ -3,7 +3,6 @@ in memory, bad records counted as they are read, each host its own records, and 
 a state of a few numbers, inside a document and across epochs."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,14 +12,13 @@ from qwen_jax.data import (make_eval_batches, pack_corpus, pack_documents, split
                            train_bpe_tokenizer)
 from qwen_jax.data.mm_sources import write_image_text_array_record
 from qwen_jax.data.sources import is_held_out
-from qwen_jax.data.streaming import (TextRecords, TextStream, jsonl_line_starts, read_text,
-                                     stream_eval_batches)
+from qwen_jax.data.streaming import (TextStream, jsonl_line_starts, read_document, stream_eval_batches,
+                                     text_records, texts_of)
 from qwen_jax.data.text_sources import load_text_file
 from qwen_jax.data.tokenizer import eos_id, pad_id
 from qwen_jax.experiment import load_config
 from qwen_jax.train.checkpoint import own_data_state
-from qwen_jax.train.loop import run_training
-from qwen_jax.train.metrics import read_metrics
+from resume_check import assert_resume_from_step_2_repeats_the_run
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma"]
 SEQ_LEN = 32
@@ -68,13 +66,13 @@ def assert_same_batches(got: list[dict], want: list[dict]):
 
 def test_records_are_indexed_in_source_order(corpus):
     sources, texts, _ = corpus
-    records = TextRecords(sources)
+    records = text_records(sources)
     assert len(records) == 83 + 40 + 1  # 83 JSONL lines (one blank), 40 ArrayRecord records, one file
-    assert records[5][0].endswith("web.jsonl:6") and read_text(records[6], strict=True) is None  # blank
+    assert records[5][0].endswith("web.jsonl:6") and read_document(records[6], strict=True) is None  # blank
     assert records[84][0].endswith("books.array_record[1]")
-    assert list(records.texts(held_out=False, strict=False)) == split_documents(texts)[0]
+    assert list(texts_of(records, held_out=False, strict=False)) == split_documents(texts)[0]
     with pytest.raises(ValueError, match=r"web.jsonl:6: bad_json"):
-        list(records.texts(held_out=False, strict=True))
+        list(texts_of(records, held_out=False, strict=True))
 
 
 def test_line_index_of_edge_case_files(tmp_path):
@@ -82,13 +80,13 @@ def test_line_index_of_edge_case_files(tmp_path):
     (tmp_path / "crlf.jsonl").write_bytes(b'{"text": "a"}\r\n{"text": "b"}\r\n')
     np.testing.assert_array_equal(jsonl_line_starts(tmp_path / "empty.jsonl"), [0])
     np.testing.assert_array_equal(jsonl_line_starts(tmp_path / "crlf.jsonl"), [0, 15, 30])
-    assert [t for t in TextRecords([str(tmp_path / "crlf.jsonl")]).texts(held_out=False, strict=True)] == ["a", "b"]
+    assert list(texts_of(text_records([str(tmp_path / "crlf.jsonl")]), held_out=False, strict=True)) == ["a", "b"]
     with pytest.raises(ConfigError, match="hold no records"):
-        TextStream(TextRecords([str(tmp_path / "empty.jsonl")]), None, seq_len=8, global_batch_size=1, seed=0)
+        TextStream(text_records([str(tmp_path / "empty.jsonl")]), None, seq_len=8, global_batch_size=1, seed=0)
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
-        TextRecords([str(tmp_path / "missing.jsonl")])
-    with pytest.raises(ConfigError, match="neither 'python_docs' nor"):
-        TextRecords(["corpus.csv"])
+        text_records([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ConfigError, match=r"neither one of \['python_docs'\] nor"):
+        text_records(["corpus.csv"])
 
 
 def test_the_stream_packs_the_rows_that_packing_in_memory_does(corpus, tokenizer):
@@ -98,14 +96,14 @@ def test_the_stream_packs_the_rows_that_packing_in_memory_does(corpus, tokenizer
     train, _ = split_documents(texts)
     want = pack_documents(token_ids(tokenizer, train), seq_len=SEQ_LEN, eos_id=eos_id(tokenizer),
                           pad_id=pad_id(tokenizer))
-    stream = TextStream(TextRecords(sources), tokenizer, seq_len=SEQ_LEN, global_batch_size=4, seed=None)
+    stream = TextStream(text_records(sources), tokenizer, seq_len=SEQ_LEN, global_batch_size=4, seed=None)
     full_batches = (len(want["input_ids"]) - 1) // 4
     got = [next(stream) for _ in range(full_batches)]
     for key, rows in want.items():
         np.testing.assert_array_equal(np.concatenate([batch[key] for batch in got]), rows[:4 * full_batches])
     assert stream.skipped == skipped  # the whole epoch is read by now
     assert load_text_file(sources[0])[1] | load_text_file(sources[1])[1] == skipped
-    records_per_epoch = len(TextRecords(sources))
+    records_per_epoch = len(text_records(sources))
     while stream.get_state()["record"] < records_per_epoch + 100:  # past the bad ones of epoch 2
         next(stream)
     assert stream.skipped == {reason: 2 * n for reason, n in skipped.items()}
@@ -115,16 +113,16 @@ def test_eval_batches_are_the_in_memory_ones(corpus, tokenizer):
     sources, texts, _ = corpus
     _, held_out = split_documents(texts)
     want = make_eval_batches(pack_corpus(tokenizer, held_out, seq_len=SEQ_LEN), batch_size=2, max_batches=2)
-    got = stream_eval_batches(TextRecords(sources), tokenizer, seq_len=SEQ_LEN, batch_size=2, max_batches=2)
+    got = stream_eval_batches(text_records(sources), tokenizer, seq_len=SEQ_LEN, batch_size=2, max_batches=2)
     assert_same_batches(got, want)
 
 
 def test_hosts_read_every_other_record(corpus, tokenizer):
     sources, texts, _ = corpus
-    records = TextRecords(sources)
+    records = text_records(sources)
     for host in (0, 1):
         mine = [text for index in range(host, len(records), 2)
-                if (text := read_text(records[index], strict=False)) is not None and not is_held_out(text)]
+                if (text := read_document(records[index], strict=False)) is not None and not is_held_out(text)]
         want = pack_documents(token_ids(tokenizer, mine), seq_len=SEQ_LEN, eos_id=eos_id(tokenizer),
                               pad_id=pad_id(tokenizer))
         stream = TextStream(records, tokenizer, seq_len=SEQ_LEN, global_batch_size=4, seed=None,
@@ -135,7 +133,7 @@ def test_hosts_read_every_other_record(corpus, tokenizer):
 
 def test_resume_inside_a_document_and_across_epochs_is_exact(corpus, tokenizer):
     sources, _, _ = corpus
-    records = TextRecords(sources)
+    records = text_records(sources)
 
     def stream():
         return TextStream(records, tokenizer, seq_len=SEQ_LEN, global_batch_size=4, seed=7)
@@ -157,13 +155,13 @@ def test_resume_inside_a_document_and_across_epochs_is_exact(corpus, tokenizer):
 
 
 def test_bad_records_stop_a_strict_stream_and_a_stream_with_no_train_document(tmp_path, corpus, tokenizer):
-    strict = TextStream(TextRecords(corpus[0]), tokenizer, seq_len=SEQ_LEN, global_batch_size=4,
+    strict = TextStream(text_records(corpus[0]), tokenizer, seq_len=SEQ_LEN, global_batch_size=4,
                         seed=None, strict=True)
     with pytest.raises(ValueError, match=r"web.jsonl:6: bad_json"):
         for _ in range(10):
             next(strict)
     (tmp_path / "bad.jsonl").write_bytes(b"{not json\n[1]\n")
-    starved = TextStream(TextRecords([str(tmp_path / "bad.jsonl")]), tokenizer, seq_len=SEQ_LEN,
+    starved = TextStream(text_records([str(tmp_path / "bad.jsonl")]), tokenizer, seq_len=SEQ_LEN,
                          global_batch_size=1, seed=0)
     with pytest.raises(ConfigError, match=r"a whole epoch of records holds no train document \(skipped: \{'bad_json': 3"):
         next(starved)
@@ -184,17 +182,9 @@ def test_a_streaming_run_resumes_exactly_and_counts_what_it_skipped(corpus, tmp_
         "model.num_hidden_layers=2", "checkpoint.every_steps=2", "data.streaming=True",
         f"data.text_sources={sources}"])
     workdir = tmp_path / "run"
-    run_training(config, workdir)
-    first = read_metrics(workdir / "metrics.jsonl")
+    first = assert_resume_from_step_2_repeats_the_run(config, workdir, capsys)
     saved = [json.loads((workdir / "checkpoints" / step / "data" / "metadata").read_text())["processes"][0]
              for step in ("2", "4")]
     assert saved[0]["record"] > 0 and saved[1]["skipped"]  # bad records among the quarter epoch read
     assert {key: value for key, value in first[-1].items() if key.startswith("data/skipped/")} == {
         f"data/skipped/{reason}": count for reason, count in saved[1]["skipped"].items()}
-    shutil.rmtree(workdir / "checkpoints" / "4")
-    capsys.readouterr()
-    run_training(config, workdir)
-    assert capsys.readouterr().out.startswith("resumed from step 2\n")
-    again = read_metrics(workdir / "metrics.jsonl")
-    assert [row["learning/loss"] for row in again] == [row["learning/loss"] for row in first]
-    assert again[-1]["eval/loss"] == first[-1]["eval/loss"]

@@ -211,7 +211,7 @@ def split_points(document: TokenizedDocument, seq_len: int) -> list[tuple[int, i
 Piece = tuple[int, int, int]  # (document index, start, end): a slice of a document's tokens
 
 
-def _usage(document: TokenizedDocument, start: int, end: int) -> np.ndarray:
+def usage(document: TokenizedDocument, start: int, end: int) -> np.ndarray:
     """What ids[start:end] uses of a row: [tokens, patches, images, video patches, videos]."""
     images, videos = document.images_in(start, end), document.videos_in(start, end)
     return np.array([end - start, sum(len(image.pixel_values) for image in images), len(images),
@@ -226,7 +226,7 @@ def plan_rows(documents: list[TokenizedDocument], budget: RowBudget) -> list[tup
     limit = np.array(budget)
     rows, row, used = [], [], np.zeros_like(limit)
     for index, document in enumerate(documents):
-        if row and np.any(used + _usage(document, 0, len(document.ids)) > limit):
+        if row and np.any(used + usage(document, 0, len(document.ids)) > limit):
             rows.append(tuple(row))
             row, used = [], np.zeros_like(limit)
         pieces = split_points(document, budget.seq_len)
@@ -234,7 +234,7 @@ def plan_rows(documents: list[TokenizedDocument], budget: RowBudget) -> list[tup
             rows.append(((index, start, end),))
         start, end = pieces[-1]
         row.append((index, start, end))
-        used += _usage(document, start, end)
+        used += usage(document, start, end)
     return rows + [tuple(row)] if row else rows
 
 

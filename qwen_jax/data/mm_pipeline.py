@@ -104,6 +104,15 @@ def _check_budgets(config: ModelConfig, seq_len: int, max_patches: int,
                          f"positive multiple of spatial_merge_size^2 = {blocks}")
 
 
+def row_budget(config: ModelConfig, seq_len: int, max_patches: int, max_images: int | None = None,
+               max_video_patches: int = 0, max_videos: int | None = None) -> RowBudget:
+    """A row's budget, checked against the model (images and videos default to one per merge block)."""
+    _check_budgets(config, seq_len, max_patches, max_video_patches)
+    blocks = config.vision.spatial_merge_size**2
+    return RowBudget(seq_len, max_patches, max_patches // blocks if max_images is None else max_images,
+                     max_video_patches, max_video_patches // blocks if max_videos is None else max_videos)
+
+
 def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *, seq_len: int,
                    max_patches: int, max_images: int | None = None, max_video_patches: int = 0,
                    max_videos: int | None = None, strict: bool = False) -> MMPackedCorpus:
@@ -112,13 +121,8 @@ def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *
     max_patches image patches and max_images images (default: one per merge block), and
     max_video_patches video patches and max_videos videos (0: rows without video arrays; a
     document with a video is then skipped as too_many_video_patches)."""
-    _check_budgets(config, seq_len, max_patches, max_video_patches)
+    budget = row_budget(config, seq_len, max_patches, max_images, max_video_patches, max_videos)
     check_vision_tokens(tokenizer, config)
-    blocks = config.vision.spatial_merge_size**2
-    budget = RowBudget(seq_len, max_patches,
-                       max_patches // blocks if max_images is None else max_images,
-                       max_video_patches,
-                       max_video_patches // blocks if max_videos is None else max_videos)
     eos = eos_id(tokenizer)
     if eos is None:
         raise ValueError("the tokenizer has no <|endoftext|> token to end documents with")

@@ -162,7 +162,7 @@ def _load_video(part: dict, folder: Path, config: VideoProcessorConfig) -> Proce
         raise Skip(error.reason, str(error)) from None
 
 
-def _parse_record(line: bytes, folder: Path, config: ImageProcessorConfig,
+def parse_media_record(line: bytes, folder: Path, config: ImageProcessorConfig,
                   video_config: VideoProcessorConfig, min_image_side: int,
                   where: str) -> ImageTextRecord:
     """One JSON object (a JSONL line or an ArrayRecord record) -> a record with its images and
@@ -212,7 +212,7 @@ def _load(path: Path, read, config: ImageProcessorConfig, video_config: VideoPro
           min_image_side: int) -> tuple[list[ImageTextRecord], dict[str, int]]:
     """The usable records of the file `read` reads (media paths relative to its folder), and skip counts."""
     def parse(line, where):
-        return _parse_record(line, path.parent, config, video_config, min_image_side, where)
+        return parse_media_record(line, path.parent, config, video_config, min_image_side, where)
     return parse_records(read(path), parse, strict)
 
 

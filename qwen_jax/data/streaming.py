@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import collections
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grain
@@ -60,34 +60,38 @@ def _no_text(record: bytes, where: str) -> None:
     return None
 
 
-class TextRecords:
-    """Every record of config.data.text_sources by index, in source order: (where, record, parse),
-    parse(record, where) giving the text (None: no record, e.g. a blank line) or raising Skip."""
+class RecordIndex:
+    """Every record of the sources of config.data.<field> by index, in source order: (where, record,
+    parse), parse(record, where) giving the document (None: no record, e.g. a blank line) or raising
+    Skip. A source is a built-in name (`built_in`: name -> (records in memory, their parse)), or a
+    file: JSONL and ArrayRecord records parse with `json_parser(path)`, a .txt file is one text."""
 
-    def __init__(self, sources: Sequence[str]):
-        self._parts, sizes = [], []  # (kind, name, content) and its record count, per source
+    def __init__(self, field: str, sources: Sequence[str], built_in: Mapping[str, tuple[Callable, Callable]],
+                 json_parser: Callable[[Path], Callable], suffixes: tuple[str, ...]):
+        self._parts, sizes = [], []  # (kind, name, content, parse) and its record count, per source
         for source in sources:
             path = Path(source)
-            if source == "python_docs":
-                corpus = python_docs_corpus()
-                self._parts.append(("memory", source, corpus))
-                sizes.append(len(corpus))
+            if source in built_in:
+                load, parse = built_in[source]
+                records = load()
+                self._parts.append(("memory", source, records, parse))
+                sizes.append(len(records))
                 continue
-            if not source.endswith(TEXT_FILE_SUFFIXES):
-                raise ConfigError(f"data.text_sources entry {source!r} is neither 'python_docs' nor a "
-                                  f"{' / '.join(TEXT_FILE_SUFFIXES)} file")
+            if not source.endswith(suffixes):
+                raise ConfigError(f"data.{field} entry {source!r} is neither one of {sorted(built_in)} nor a "
+                                  f"{' / '.join(suffixes)} file")
             if not path.is_file():
-                raise FileNotFoundError(f"data.text_sources: {path} does not exist")
+                raise FileNotFoundError(f"data.{field}: {path} does not exist")
             if path.suffix == ".jsonl":
                 starts = jsonl_line_starts(path)
-                self._parts.append(("jsonl", path, starts))
+                self._parts.append(("jsonl", path, starts, json_parser(path)))
                 sizes.append(len(starts) - 1)
             elif path.suffix == ".array_record":
                 shard = grain.sources.ArrayRecordDataSource([str(path)])
-                self._parts.append(("array_record", path, shard))
+                self._parts.append(("array_record", path, shard, json_parser(path)))
                 sizes.append(len(shard))
             else:
-                self._parts.append(("txt", path, None))
+                self._parts.append(("txt", path, None, file_text))
                 sizes.append(1)
         self._ends = np.cumsum(sizes).tolist()
         self._files: dict[Path, int] = {}  # descriptors, opened on first read
@@ -95,40 +99,46 @@ class TextRecords:
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
 
-    def __getitem__(self, index: int) -> tuple[str, bytes | str, Callable]:
+    def __getitem__(self, index: int) -> tuple[str, object, Callable]:
         part = bisect.bisect_right(self._ends, index)
-        kind, path, content = self._parts[part]
+        kind, path, content, parse = self._parts[part]
         local = index - (self._ends[part - 1] if part else 0)
-        if kind == "memory":
-            return f"{path}[{local}]", content[local], _memory_text
+        if kind in ("memory", "array_record"):
+            return f"{path}[{local}]", content[local], parse
         if kind == "txt":
-            return str(path), path.read_bytes(), file_text
-        if kind == "array_record":
-            return f"{path}[{local}]", content[local], json_text
+            return str(path), path.read_bytes(), parse
         start, end = int(content[local]), int(content[local + 1])
         line = os.pread(self._descriptor(path), end - start, start)
-        return f"{path}:{local + 1}", line, json_text if line.strip() else _no_text
+        return f"{path}:{local + 1}", line, parse if line.strip() else _no_text
 
     def _descriptor(self, path: Path) -> int:
         if path not in self._files:
             self._files[path] = os.open(path, os.O_RDONLY)
         return self._files[path]
 
-    def texts(self, *, held_out: bool, strict: bool, max_chars: int | None = None):
-        """The good documents of one side of the split in corpus order (up to about `max_chars`)."""
-        chars = 0
-        for index in range(len(self)):
-            text = read_text(self[index], strict)
-            if text is None or is_held_out(text) != held_out:
-                continue
-            yield text
-            chars += len(text)
-            if max_chars is not None and chars >= max_chars:
-                return
+
+def text_records(sources: Sequence[str]) -> RecordIndex:
+    """The records of config.data.text_sources: "python_docs", .jsonl / .array_record of {"text": ...}, .txt."""
+    return RecordIndex("text_sources", sources, {"python_docs": (python_docs_corpus, _memory_text)},
+                       lambda path: json_text, TEXT_FILE_SUFFIXES)
 
 
-def read_text(item, strict: bool) -> str | None:
-    """A record's text, or None where it is blank or bad (strict: a bad one raises ValueError)."""
+def texts_of(records: RecordIndex, *, held_out: bool, strict: bool, max_chars: int | None = None):
+    """The good documents of one side of the split in corpus order (up to about `max_chars`)."""
+    chars = 0
+    for index in range(len(records)):
+        text = read_document(records[index], strict)
+        if text is None or is_held_out(text) != held_out:
+            continue
+        yield text
+        chars += len(text)
+        if max_chars is not None and chars >= max_chars:
+            return
+
+
+def read_document(item, strict: bool):
+    """A record's document (a text, or an image-text record), or None where it is blank or bad
+    (strict: a bad one raises ValueError naming it)."""
     try:
         return item[2](item[1], item[0])
     except Skip as skip:
@@ -170,7 +180,7 @@ class TextStream:
     every P-th. `skipped` counts the bad records read so far by reason (once per epoch each).
     Resume with `get_state()` / `set_state()`."""
 
-    def __init__(self, records: TextRecords, tokenizer: Tokenizer, *, seq_len: int,
+    def __init__(self, records: RecordIndex, tokenizer: Tokenizer, *, seq_len: int,
                  global_batch_size: int, seed: int | None, strict: bool = False,
                  process_index: int = 0, process_count: int = 1):
         if not len(records):
@@ -239,12 +249,12 @@ class TextStream:
         self._reader = None
 
 
-def stream_eval_batches(records: TextRecords, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+def stream_eval_batches(records: RecordIndex, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                         max_batches: int, strict: bool = False, process_index: int = 0,
                         process_count: int = 1) -> list[Batch]:
     """The in-memory pipeline's eval batches, from only as many held-out documents as they need."""
     needed, texts = max_batches * batch_size * seq_len, []
-    for text in records.texts(held_out=True, strict=strict):
+    for text in texts_of(records, held_out=True, strict=strict):
         texts.append(text)
         needed -= len(tokenizer.encode(text).ids) + 1
         if needed <= 0:

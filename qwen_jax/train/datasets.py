@@ -18,8 +18,6 @@ from qwen_jax.data import (
     MMBatchIterator,
     VideoProcessorConfig,
     add_vision_tokens,
-    camera_move_records,
-    digits_image_text_records,
     load_image_text_array_record,
     load_image_text_jsonl,
     load_or_train_tokenizer,
@@ -27,22 +25,20 @@ from qwen_jax.data import (
     make_mm_eval_batches,
     make_mm_train_iterator,
     make_train_iterator,
-    moving_digit_records,
     pack_corpus,
     pack_mm_corpus,
     python_docs_corpus,
-    sample_photo_records,
     split_documents,
 )
-from qwen_jax.data.streaming import (TOKENIZER_SAMPLE_CHARS, TextRecords, TextStream,
-                                     stream_eval_batches)
+from qwen_jax.data.mm_pipeline import row_budget
+from qwen_jax.data.mm_streaming import MMStream, built_in_media, media_records, mm_stream_eval_batches
+from qwen_jax.data.streaming import (TOKENIZER_SAMPLE_CHARS, TextStream, stream_eval_batches, text_records,
+                                     texts_of)
 from qwen_jax.data.text_sources import TEXT_FILE_SUFFIXES, load_text_file
 from qwen_jax.experiment import default_data_config
 from qwen_jax.interop.init_from import tokenizer_file
 
 DATA_KINDS = ("text", "image_text")
-BUILT_IN_IMAGES = ("digits", "photos")
-BUILT_IN_VIDEOS = ("moving_digits", "camera_moves")
 EVAL_IMAGE_SHARE = 0.05  # of the image and of the video records, held out like the text documents
 
 
@@ -61,13 +57,13 @@ class RunData:
     def skipped_now(self) -> dict[str, int]:
         """Bad records by reason: those met while loading, and those a stream has read since."""
         counts = collections.Counter(self.skipped)
-        if isinstance(self.iterator, TextStream):
+        if isinstance(self.iterator, (TextStream, MMStream)):
             counts.update(self.iterator.skipped)
         return dict(sorted(counts.items()))
 
     def close(self) -> None:
         """Stop the pipeline's worker processes or reading thread, if it has any."""
-        if isinstance(self.iterator, (MMBatchIterator, TextStream)):
+        if isinstance(self.iterator, (MMBatchIterator, TextStream, MMStream)):
             self.iterator.close()
 
 
@@ -92,14 +88,10 @@ def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def load_records(field: str, sources, images: ImageProcessorConfig, videos: VideoProcessorConfig,
                  strict: bool):
     """Records of every source of config.data.<field> in order, and the skipped counts of files."""
-    built_in = {"digits": lambda: digits_image_text_records(images),
-                "photos": lambda: sample_photo_records(images),
-                "moving_digits": lambda: moving_digit_records(videos),
-                "camera_moves": lambda: camera_move_records(videos)}
-    known = BUILT_IN_IMAGES if field == "image_sources" else BUILT_IN_VIDEOS
+    built_in = built_in_media(field, images, videos)
     records, skipped = [], collections.Counter()
     for source in sources:
-        if source in known:
+        if source in built_in:
             records += built_in[source]()
         elif source.endswith((".jsonl", ".array_record")):
             load = load_image_text_jsonl if source.endswith(".jsonl") else load_image_text_array_record
@@ -107,7 +99,7 @@ def load_records(field: str, sources, images: ImageProcessorConfig, videos: Vide
             records += loaded
             skipped.update(counts)
         else:
-            raise ConfigError(f"data.{field} entry {source!r} is neither one of {known} nor a "
+            raise ConfigError(f"data.{field} entry {source!r} is neither one of {sorted(built_in)} nor a "
                               ".jsonl / .array_record file")
     return records, skipped
 
@@ -137,7 +129,7 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
     data = data_config(config)
     hosts = dict(process_index=process_index, process_count=process_count)
     if data.streaming:
-        return _streamed_text(config, data, workdir, model_cfg, train_cfg, hosts)
+        return _streamed(config, data, workdir, model_cfg, train_cfg, hosts)
     documents, skipped_files = load_text_documents(data.text_sources, data.strict)
     train_docs, held_out_docs = split_documents(documents, seed=0)
     images = data.kind == "image_text"
@@ -158,13 +150,7 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
                    + collections.Counter(skipped_files))
         return RunData(model_cfg, iterator, eval_batches, dict(skipped))
 
-    if model_cfg.vision is None:
-        raise ConfigError("data.kind 'image_text' needs a vision tower: set model.vision "
-                          "(e.g. 'tiny')")
-    model_cfg = model_cfg.replace(**add_vision_tokens(tokenizer))
-    images = ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
-    videos = VideoProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.video_max_pixels,
-                                  fps=data.video_fps, max_frames=data.max_frames)
+    model_cfg, images, videos = _vision_setup(data, model_cfg, tokenizer)
     skipped, train_records, held_out = collections.Counter(skipped_files), {}, list(held_out_docs)
     with_videos = False  # a record file may hold videos among its images: rows carry them then
     for name, field in (("images", "image_sources"), ("videos", "video_sources")):
@@ -194,20 +180,48 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
                    videos=with_videos)
 
 
-def _streamed_text(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
-                   hosts: dict) -> RunData:
-    """RunData of a text corpus read as training goes (data.streaming)."""
-    if data.kind != "text":
-        raise ConfigError("data.streaming reads text only: set data.kind='text' or data.streaming=False")
-    records = TextRecords(data.text_sources)
+def _vision_setup(data, model_cfg: ModelConfig, tokenizer) -> tuple[ModelConfig, ImageProcessorConfig,
+                                                                     VideoProcessorConfig]:
+    """The model config with the tokenizer's vision token ids, and the image and video processors."""
+    if model_cfg.vision is None:
+        raise ConfigError("data.kind 'image_text' needs a vision tower: set model.vision "
+                          "(e.g. 'tiny')")
+    images = ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    videos = VideoProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.video_max_pixels,
+                                  fps=data.video_fps, max_frames=data.max_frames)
+    return model_cfg.replace(**add_vision_tokens(tokenizer)), images, videos
+
+
+def _streamed(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+              hosts: dict) -> RunData:
+    """RunData of documents read as training goes (data.streaming): text, or text, images and videos."""
+    text = text_records(data.text_sources)
+    images = data.kind == "image_text"
     tokenizer = load_or_train_tokenizer(
         workdir / "tokenizer.json",
-        lambda: list(records.texts(held_out=False, strict=data.strict, max_chars=TOKENIZER_SAMPLE_CHARS)),
-        model_cfg.vocab_size, source=tokenizer_file(config.get("init_from")))
-    iterator = TextStream(records, tokenizer, seq_len=train_cfg.seq_len,
-                          global_batch_size=train_cfg.batch_size, seed=config.seed, strict=data.strict,
-                          **hosts)
-    eval_batches = stream_eval_batches(records, tokenizer, seq_len=train_cfg.seq_len,
-                                       batch_size=train_cfg.batch_size,
-                                       max_batches=train_cfg.eval_batches, strict=data.strict, **hosts)
-    return RunData(model_cfg, iterator, eval_batches, {})
+        lambda: list(texts_of(text, held_out=False, strict=data.strict, max_chars=TOKENIZER_SAMPLE_CHARS)),
+        model_cfg.vocab_size, tuple(VISION_TOKENS.values()) if images else (),
+        source=tokenizer_file(config.get("init_from")))
+    batches = dict(batch_size=train_cfg.batch_size, max_batches=train_cfg.eval_batches, strict=data.strict,
+                   **hosts)
+    if not images:
+        iterator = TextStream(text, tokenizer, seq_len=train_cfg.seq_len,
+                              global_batch_size=train_cfg.batch_size, seed=config.seed, strict=data.strict,
+                              **hosts)
+        return RunData(model_cfg, iterator, stream_eval_batches(text, tokenizer, seq_len=train_cfg.seq_len,
+                                                                **batches), {})
+    model_cfg, image_config, video_config = _vision_setup(data, model_cfg, tokenizer)
+    groups = {"text": text,
+              "images": media_records("image_sources", data.image_sources, image_config, video_config),
+              "videos": media_records("video_sources", data.video_sources, image_config, video_config)}
+    # Rows carry video arrays when video sources are named (an image file's videos need them too).
+    videos = bool(data.video_sources)
+    budget = row_budget(model_cfg, train_cfg.seq_len, data.max_patches,
+                        max_video_patches=data.max_video_patches if videos else 0)
+    weights = {name: share for name, share in (("images", data.image_weight), ("videos", data.video_weight))
+               if len(groups[name])}
+    weights["text"] = 1 - sum(weights.values())
+    iterator = MMStream(groups, tokenizer, model_cfg, budget, global_batch_size=train_cfg.batch_size,
+                        seed=config.seed, weights=weights, strict=data.strict, **hosts)
+    eval_batches = mm_stream_eval_batches(groups, tokenizer, model_cfg, budget, **batches)
+    return RunData(model_cfg, iterator, eval_batches, {}, images=True, videos=videos)
