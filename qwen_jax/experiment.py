@@ -25,13 +25,13 @@ def default_data_config() -> ml_collections.ConfigDict:
         "streaming": False,
         # image_text only: built-in names or .jsonl / .array_record files.
         "image_sources": ["digits", "photos"],
-        "image_weight": 0.35,  # share of rows drawn from the image-text records
+        "image_weight": 0.35,  # share of rows drawn from the image-text records (streaming: of documents)
         "max_patches": 256,  # image patches per row (a multiple of spatial_merge_size^2)
         "min_pixels": 32 * 32,
         "max_pixels": 64 * 64,
         # Videos ([] for none): built-in clip sets or files, as above (a file may mix both).
         "video_sources": ["moving_digits", "camera_moves"],
-        "video_weight": 0.15,  # share of rows drawn from the video-text records
+        "video_weight": 0.15,  # share of rows drawn from the video-text records (streaming: of documents)
         "max_video_patches": 128,  # video patches per row
         "video_fps": 2.0,  # frames sampled per second of video
         "max_frames": 8,

@@ -8,7 +8,8 @@ each epoch, gives host p every P-th record, and parses and tokenises ahead in a 
 many of that record's tokens are used, and the skip counts: a few numbers, enough to resume exactly.
 
 Held-out documents are those `split_documents` holds out (a hash of the text), so the train stream
-never sees an eval document and the eval batches equal the in-memory pipeline's.
+never sees an eval document and the eval batches equal the in-memory pipeline's. `RecordIndex`
+serves the image-text stream too (mm_streaming.py).
 """
 
 from __future__ import annotations

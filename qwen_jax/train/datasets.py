@@ -1,6 +1,6 @@
 """A run's data, per config.data: the default text corpus, or that text mixed with images and
 videos (early fusion: digits, sklearn's photos, clips made from them, JSONL and ArrayRecord files)
-into one packed stream."""
+into one packed stream; packed in memory at start, or read as the run goes (data.streaming)."""
 
 from __future__ import annotations
 
