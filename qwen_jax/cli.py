@@ -156,8 +156,14 @@ def cmd_generate(args, overrides) -> None:
         prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line]
     if not prompts:
         raise SystemExit("error: give --prompt=TEXT or --prompts-file=FILE")
+    try:
+        chat_kwargs = json.loads(args.chat_kwargs)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: --chat-kwargs={args.chat_kwargs!r} is not JSON: {error}") from None
+    if not isinstance(chat_kwargs, dict):
+        raise SystemExit(f"error: --chat-kwargs={args.chat_kwargs!r} is not a JSON object")
     model, tokenizer, stop_ids = load_for_generation(args.model)
-    texts = user_turns(args.model, prompts, **json.loads(args.chat_kwargs)) if args.chat else prompts
+    texts = user_turns(args.model, prompts, **chat_kwargs) if args.chat else prompts
     out = generate(model, [tokenizer.encode(text).ids for text in texts], max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seeds=[args.seed + i for i in range(len(prompts))], stop_ids=stop_ids)

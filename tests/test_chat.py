@@ -163,3 +163,11 @@ def test_cli_generate_chat_encodes_the_prompt_as_transformers_does(tmp_path, cap
     (tmp_path / "chat_template.jinja").unlink()
     with pytest.raises(SystemExit, match="error: --chat: .* holds no chat template"):
         main(["generate", f"--model={tmp_path}", "--prompt=hi", "--chat"])
+
+
+def test_cli_chat_kwargs_that_are_not_a_json_object_are_named(tmp_path):
+    from qwen_jax.cli import main
+
+    for given, problem in (("{bad", "is not JSON"), ("[1]", "is not a JSON object")):
+        with pytest.raises(SystemExit, match=f"error: --chat-kwargs='.*' {problem}"):
+            main(["generate", f"--model={tmp_path}", "--prompt=hi", "--chat", f"--chat-kwargs={given}"])

@@ -10,6 +10,7 @@ not escape HTML, `raise_exception`, `strftime_now`, `namespace`, and the special
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from pathlib import Path
 
@@ -68,17 +69,23 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
                       sort_keys=sort_keys)
 
 
-def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool,
-                special_tokens: dict[str, str] | None = None, **kwargs) -> str:
-    """The conversation as the template writes it; kwargs (e.g. enable_thinking, tools) go to the template."""
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    """The template compiled once, in the sandbox with HF's extras."""
     environment = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = _tojson
     environment.globals.update(raise_exception=_raise_exception, namespace=jinja2.utils.Namespace,
                                strftime_now=lambda form: datetime.datetime.now().strftime(form))
+    return environment.from_string(template)
+
+
+def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool,
+                special_tokens: dict[str, str] | None = None, **kwargs) -> str:
+    """The conversation as the template writes it; kwargs (e.g. enable_thinking, tools) go to the template."""
     variables = {"tools": None, "documents": None, **(special_tokens or {}), **kwargs}
-    return environment.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                      **variables)
 
 
 def _as_format(text: str) -> str:

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from qwen_jax.config import ModelConfig
 from qwen_jax.data.images import ProcessedImage, image_placeholder_length
 from qwen_jax.data.mm_sources import ImageTextRecord
+from qwen_jax.data.records import Skip
 from qwen_jax.data.videos import ProcessedVideo, timestamp_text
 from qwen_jax.model.positions import rope_index
 
@@ -63,14 +64,6 @@ def placeholder_ids(config: ModelConfig) -> tuple[int, int, int, int]:
     """(vision_start, image_pad, video_pad, vision_end) ids: tokens that only ever stand for pixels."""
     return (config.vision_start_token_id, config.image_token_id, config.video_token_id,
             config.vision_end_token_id)
-
-
-class SkipRecord(Exception):
-    """A record that cannot be used; `reason` is its key in the skip counts."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class RowBudget(NamedTuple):
@@ -119,15 +112,15 @@ class TokenizedDocument(NamedTuple):
 
 
 def _encode_text(tokenizer: Tokenizer, text: str, config: ModelConfig) -> np.ndarray:
-    """Text -> ids int32 [n]; raises SkipRecord (encode_error, vision_token_in_text)."""
+    """Text -> ids int32 [n]; raises Skip (encode_error, vision_token_in_text)."""
     try:
         # No special tokens: a post-processor's BOS must not appear between two images.
         ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
     except Exception:  # the tokenizer's error types are undocumented; any record may fail
-        raise SkipRecord("encode_error") from None
+        raise Skip("encode_error", "the tokenizer failed on it") from None
     # A literal "<|image_pad|>" in text would be one more image token than the grids cover.
     if np.isin(ids, placeholder_ids(config)).any():
-        raise SkipRecord("vision_token_in_text")
+        raise Skip("vision_token_in_text", "the text holds a vision placeholder token")
     return ids
 
 
@@ -154,14 +147,14 @@ def _visual_ids(tokenizer: Tokenizer, part, config: ModelConfig, source: str) ->
 
 def tokenize_record(tokenizer: Tokenizer, record, config: ModelConfig,
                     eos_id: int) -> TokenizedDocument:
-    """A str or ImageTextRecord -> its token stream; raises SkipRecord (not_text, empty,
+    """A str or ImageTextRecord -> its token stream; raises Skip (not_text, empty,
     encode_error, vision_token_in_text)."""
     if isinstance(record, str):
         record = ImageTextRecord(parts=(record,), source="text")
     if not isinstance(record, ImageTextRecord):
-        raise SkipRecord("not_text")
+        raise Skip("not_text", f"a {type(record).__name__}, not a document")
     if not any(isinstance(part, str) and part.strip() for part in record.parts):
-        raise SkipRecord("empty")
+        raise Skip("empty", "no text but whitespace")
     pieces, length = [], 0
     items = {ProcessedImage: ([], []), ProcessedVideo: ([], [])}  # kind -> (items, spans)
     for part in record.parts:

@@ -43,7 +43,6 @@ from qwen_jax.config import ModelConfig
 from qwen_jax.data.mm_packing import (
     Piece,
     RowBudget,
-    SkipRecord,
     TokenizedDocument,
     budget_problem,
     build_row,
@@ -52,6 +51,7 @@ from qwen_jax.data.mm_packing import (
     tokenize_record,
 )
 from qwen_jax.data.pipeline import eval_batch_starts, per_host_batch_size
+from qwen_jax.data.records import Skip
 from qwen_jax.data.tokenizer import eos_id, pad_id
 from qwen_jax.model.vlm import vision_tower_inputs  # noqa: F401 - the batch's reader, re-exported
 
@@ -131,7 +131,7 @@ def pack_mm_corpus(tokenizer: Tokenizer, documents: list, config: ModelConfig, *
         try:
             document = tokenize_record(tokenizer, record, config, eos)
             problem = budget_problem(document, budget)
-        except SkipRecord as skip:
+        except Skip as skip:
             problem = skip.reason
         if not problem:
             kept.append(document)

@@ -163,8 +163,8 @@ def _load_video(part: dict, folder: Path, config: VideoProcessorConfig) -> Proce
 
 
 def parse_media_record(line: bytes, folder: Path, config: ImageProcessorConfig,
-                  video_config: VideoProcessorConfig, min_image_side: int,
-                  where: str) -> ImageTextRecord:
+                       video_config: VideoProcessorConfig, min_image_side: int,
+                       where: str) -> ImageTextRecord:
     """One JSON object (a JSONL line or an ArrayRecord record) -> a record with its images and
     videos preprocessed, or raise Skip."""
     try:

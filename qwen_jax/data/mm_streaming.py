@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from qwen_jax.config import ConfigError, ModelConfig
 from qwen_jax.data.images import ImageProcessorConfig
-from qwen_jax.data.mm_packing import (RowBudget, SkipRecord, TokenizedDocument, budget_problem, build_row,
+from qwen_jax.data.mm_packing import (RowBudget, TokenizedDocument, budget_problem, build_row,
                                       check_vision_tokens, split_points, tokenize_record, usage)
 from qwen_jax.data.mm_pipeline import make_mm_eval_batches, pack_mm_corpus
 from qwen_jax.data.clips import camera_move_records, moving_digit_records
@@ -34,14 +34,13 @@ from qwen_jax.data.mm_sources import (MIN_IMAGE_SIDE, digits_image_text_records,
 from qwen_jax.data.pipeline import per_host_batch_size
 from qwen_jax.data.records import Skip
 from qwen_jax.data.sources import is_held_out, stable_unit_hash
-from qwen_jax.data.streaming import RecordIndex, read_document, text_records
+from qwen_jax.data.streaming import PASSED_OVER, DocumentReader, RecordIndex, read_document, text_records
 from qwen_jax.data.tokenizer import eos_id, pad_id
 from qwen_jax.data.videos import VideoProcessorConfig
 
 EVAL_MEDIA_SHARE = 0.05  # of the image and of the video records
 READ_THREADS = 2  # documents decoded and tokenised at once
 PREFETCH_DOCUMENTS = 64
-PASSED_OVER = ""  # what the reader gives for a record that is not a train document (blank, held out)
 
 
 def built_in_media(field: str, images: ImageProcessorConfig, videos: VideoProcessorConfig) -> dict:
@@ -92,14 +91,11 @@ class TokenizeDocument:
             problem = budget_problem(tokenized, self._budget)
             if problem is None:
                 return tokenized
-            reason, detail = problem, "does not fit a row"
+            raise Skip(problem, "does not fit a row")
         except Skip as skip:
-            reason, detail = skip.reason, skip.detail
-        except SkipRecord as skip:
-            reason, detail = skip.reason, ""
-        if self._strict:
-            raise ValueError(f"{where}: {reason}: {detail}")
-        return reason
+            if self._strict:
+                raise skip.at(where) from None
+            return skip.reason
 
 
 class MMStream:
@@ -176,18 +172,11 @@ class MMStream:
     def _next_document(self) -> tuple[int, TokenizedDocument]:
         """(index, document) of the next train document, counting the bad records on the way."""
         if self._reader is None:
-            options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_DOCUMENTS)
-            self._reader = iter(self._documents[self._record:].to_iter_dataset(options))
-            self._next_index = self._record
-        for _ in range(self._give_up_after):
-            item = next(self._reader)
-            index, self._next_index = self._next_index, self._next_index + 1
-            if isinstance(item, TokenizedDocument):
-                return index, item
-            if item != PASSED_OVER:
-                self.skipped[item] += 1
-        raise ConfigError(f"the data sources hold no train document in {self._give_up_after} records "
-                          f"(skipped: {dict(self.skipped)}; the rest blank or held out for eval)")
+            self._reader = DocumentReader(
+                self._documents, self._record, self.skipped, give_up_after=self._give_up_after,
+                nothing_found=f"the data sources hold no train document in {self._give_up_after} records",
+                threads=READ_THREADS, prefetch=PREFETCH_DOCUMENTS)
+        return self._reader.next()
 
     def close(self) -> None:
         self._reader = None

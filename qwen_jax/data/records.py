@@ -17,6 +17,10 @@ class Skip(Exception):
         self.reason = reason
         self.detail = detail
 
+    def at(self, where: str) -> ValueError:
+        """The error a strict reader raises: "<where>: <reason>: <detail>"."""
+        return ValueError(f"{where}: {self.reason}: {self.detail}")
+
 
 def jsonl_records(path: Path) -> list[tuple[str, bytes]]:
     """("file:line", bytes) of a JSONL file's non-blank lines, in file order."""
@@ -49,6 +53,6 @@ def parse_records(records, parse: Callable[[bytes, str], Any], strict: bool) -> 
             parsed.append(parse(record, where))
         except Skip as skip:
             if strict:
-                raise ValueError(f"{where}: {skip.reason}: {skip.detail}") from None
+                raise skip.at(where) from None
             skipped[skip.reason] += 1
     return parsed, dict(sorted(skipped.items()))

@@ -35,7 +35,7 @@ from qwen_jax.data.tokenizer import eos_id, pad_id
 PREFETCH_RECORDS = 256  # records parsed and tokenised ahead of the packer
 TOKENIZER_SAMPLE_CHARS = 20_000_000  # text a tokenizer is trained on when the run trains its own
 INDEX_BLOCK_BYTES = 1 << 24
-NO_TOKENS = np.zeros(0, np.int32)
+PASSED_OVER = ""  # what a stream's reader gives for a record that is no train document (blank, held out)
 
 
 def jsonl_line_starts(path: Path) -> np.ndarray:
@@ -144,13 +144,37 @@ def read_document(item, strict: bool):
         return item[2](item[1], item[0])
     except Skip as skip:
         if strict:
-            raise ValueError(f"{item[0]}: {skip.reason}: {skip.detail}") from None
+            raise skip.at(item[0]) from None
         return None
 
 
+class DocumentReader:
+    """The documents of an endless MapDataset of (document | skip reason | PASSED_OVER) from index
+    `start` on, read ahead in background threads; next() -> (index, document), counting the bad
+    records in `skipped`. Items are never None: Grain drops those, and the indexes would slip."""
+
+    def __init__(self, items: grain.MapDataset, start: int, skipped: collections.Counter, *,
+                 give_up_after: int, nothing_found: str, threads: int = 1, prefetch: int = PREFETCH_RECORDS):
+        options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
+        self._items = iter(items[start:].to_iter_dataset(options))
+        self._next_index, self._skipped = start, skipped
+        self._give_up_after, self._nothing_found = give_up_after, nothing_found
+
+    def next(self):
+        for _ in range(self._give_up_after):
+            item = next(self._items)
+            index, self._next_index = self._next_index, self._next_index + 1
+            if not isinstance(item, str):
+                return index, item
+            if item != PASSED_OVER:
+                self._skipped[item] += 1
+        raise ConfigError(f"{self._nothing_found} (skipped: {dict(self._skipped)}; the rest blank or held "
+                          "out for eval)")
+
+
 class TokenizeRecord:
-    """A record -> its token ids (int32, eos appended), none where it is held out or blank; the
-    reason, where it is bad (strict: raise ValueError naming it). Never None: Grain drops those."""
+    """A record -> its token ids (int32, eos appended); PASSED_OVER where it is held out or blank;
+    the reason, where it is bad (strict: raise ValueError naming it)."""
 
     def __init__(self, tokenizer: Tokenizer, strict: bool):
         self._tokenizer = tokenizer
@@ -162,14 +186,14 @@ class TokenizeRecord:
         try:
             text = parse(record, where)
             if text is None or is_held_out(text):
-                return NO_TOKENS
+                return PASSED_OVER
             try:
                 ids = self._tokenizer.encode(text).ids
             except Exception:  # the tokenizer's error types are undocumented; any one record may fail
                 raise Skip("encode_error", "the tokenizer failed on it") from None
         except Skip as skip:
             if self._strict:
-                raise ValueError(f"{where}: {skip.reason}: {skip.detail}") from None
+                raise skip.at(where) from None
             return skip.reason
         return np.asarray([*ids, self._eos], np.int32)
 
@@ -212,9 +236,9 @@ class TextStream:
 
     def __next__(self) -> Batch:
         if self._document is None:  # start (or resume) reading at the current record
-            options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=PREFETCH_RECORDS)
-            self._reader = iter(self._documents[self._record:].to_iter_dataset(options))
-            self._next_record = self._record
+            self._reader = DocumentReader(
+                self._documents, self._record, self.skipped, give_up_after=self._records_per_epoch + 1,
+                nothing_found="data.text_sources: a whole epoch of records holds no train document")
             offset = self._offset
             self._take_next_document()
             self._offset = offset  # 0 unless resumed inside that document
@@ -234,17 +258,9 @@ class TextStream:
         return row_fields(tokens, segments, self._pad)
 
     def _take_next_document(self) -> None:
-        """Read on to the next train document, counting bad records and passing over held-out ones."""
-        for _ in range(self._records_per_epoch + 1):
-            item = next(self._reader)
-            index, self._next_record = self._next_record, self._next_record + 1
-            if isinstance(item, str):
-                self.skipped[item] += 1
-            elif len(item):
-                self._record, self._document, self._offset = index, item, 0
-                return
-        raise ConfigError(f"data.text_sources: a whole epoch of records holds no train document "
-                          f"(skipped: {dict(self.skipped)}; the rest blank or held out for eval)")
+        """Read on to the next train document."""
+        self._record, self._document = self._reader.next()
+        self._offset = 0
 
     def close(self) -> None:
         self._reader = None

@@ -74,10 +74,10 @@ class RLConfig:
     temperature: float = 1.0
     # How a text observation becomes the policy's input: the first one (the task) and each later one
     # (an environment's reply, after the policy's stop token), "{observation}" standing for the text.
-    # A chat model wants its chat markup here (configs/rl_0_8b.py).
+    # A chat model wants its chat markup: written here, or taken from
     prompt_format: str = "{observation}"
     reply_format: str = "{observation}"
-    # Or both from a chat template, as transformers renders it: "init_from" (the one beside init_from's
+    # a chat template, rendered as transformers renders it: "init_from" (the one beside init_from's
     # tokenizer) or a .jinja file or HF directory; chat_template_kwargs go to it, e.g.
     # {"enable_thinking": False}. Environment replies are turns of chat_reply_role: "user", or "tool"
     # where they are a tool's results.

@@ -105,6 +105,8 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
             _keep_routing(routing, out, used, starts, np.flatnonzero(running))
         cache = out.cache
         tokens, lengths, new_logprobs = map(to_host, (out.tokens, out.lengths, out.logprobs))
+        # Did this turn's prompt open a think block (a template with thinking on may)?
+        opened = formats[turn > 0].rstrip().endswith(THINK_OPEN)
         actions = {}
         for row in np.flatnonzero(running):
             new = tokens[row, :lengths[row]].tolist()
@@ -112,8 +114,6 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
             sampled[row] += [1] * len(new)
             logprobs[row] += new_logprobs[row, :lengths[row]].tolist()
             answer = tokenizer.decode(new[:-1] if new and new[-1] in stop_ids else new)
-            # Did this turn's prompt open a think block (a template with thinking on may)?
-            opened = formats[turn > 0].rstrip().endswith(THINK_OPEN)
             actions[int(row)] = visible_reply(answer, opened) if hide_thinking else answer
         started = time.perf_counter()
         results = pool.step(actions)
