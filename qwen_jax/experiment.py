@@ -36,6 +36,13 @@ def default_data_config() -> ml_collections.ConfigDict:
         "video_fps": 2.0,  # frames sampled per second of video
         "max_frames": 8,
         "video_max_pixels": 4 * 64 * 64,  # frames x height x width of a resized clip
+        # chat (supervised fine-tuning): built-in "python_help" and/or .jsonl / .array_record files of
+        # {"messages": [...], "tools": [...]}; rendered by chat_template: "" the built-in ChatML,
+        # "init_from" the one beside init_from's tokenizer, or a .jinja file / HF directory.
+        "chat_sources": ["python_help"],
+        "chat_template": "",
+        "chat_template_kwargs": {},  # given to the template, e.g. {"enable_thinking": False}
+        "chat_loss": "assistant",  # learn the assistant turns (and the token ending each), or "all"
         "workers": 0,  # Grain worker processes building rows (in memory; a stream reads in threads)
         "strict": False,  # stop at the first bad record instead of skipping and counting it
     })
@@ -120,7 +127,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if current is not None and value is not None and type(current) is not type(value):
-        if not (isinstance(current, (list, tuple)) and isinstance(value, (list, tuple))):
+        alike = ((list, tuple), (dict, ml_collections.ConfigDict))  # a list for a tuple, a dict for a section
+        if not any(isinstance(current, kinds) and isinstance(value, kinds) for kinds in alike):
             raise ConfigError(
                 f"config field {dotted!r} expects {type(current).__name__}, got {text!r}")
     node[leaf] = value

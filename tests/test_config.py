@@ -44,6 +44,9 @@ def test_experiment_config_overrides():
                          ["train.lr=1e-4", "train.steps=7", "model.num_hidden_layers=8"])
     assert config.train.lr == 1e-4 and config.train.steps == 7
     assert model_config(config).num_hidden_layers == 8
+    # A section the file sets (a dict) takes a dict from the command line.
+    chat = load_config("configs/sft_0_8b.py", ["data.chat_template_kwargs={'enable_thinking': True}"])
+    assert dict(chat.data.chat_template_kwargs) == {"enable_thinking": True}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -51,6 +54,7 @@ def test_experiment_config_overrides():
     ("train.steps=fast", "train.steps"),
     ("model.heads=3", "model.heads"),
     ("train.steps", "--config.a.b=value"),
+    ("seed={'a': 1}", "seed"),
 ])
 def test_bad_override_names_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):

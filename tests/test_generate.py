@@ -220,7 +220,7 @@ def test_cli_generate_from_a_workdir(tmp_path, model, tokenizer, capsys):
     # The workdir's model is this model (its config and every parameter), so the expected tokens
     # come from it: it shares the CLI's compiled program.
     loaded, _, stop_ids = load_for_generation(tmp_path)
-    assert loaded.config == model.config and stop_ids == [0]
+    assert loaded.config == model.config and stop_ids == [tokenizer.token_to_id("<|im_end|>"), 0]
     for got, want in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     expected = generate(loaded, [tokenizer.encode("def").ids], max_new_tokens=5, temperature=0.8,

@@ -1,6 +1,7 @@
 """Training data: a corpus that ships with Python, a BPE tokenizer, packing, and Grain pipelines;
 image and video preprocessing, image/video-text sources (and offline clips), and their packed and
-mixed Grain pipeline for vision."""
+mixed Grain pipeline for vision; chat conversations for supervised fine-tuning (conversations.py,
+chat_stream.py)."""
 
 from qwen_jax.data.clips import camera_move_records, moving_digit_records
 

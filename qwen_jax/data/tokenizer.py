@@ -12,21 +12,25 @@ from qwen_jax.config import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-END_OF_TURN = "<|im_end|>"  # in Qwen's own tokenizer, not in the ones trained here
+END_OF_TURN = "<|im_end|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)  # in id order: eos is 0, pad is 1
+# ChatML's turn markers, as in Qwen's tokenizer: every tokenizer trained here holds them, so a
+# pretraining run can be fine-tuned on chat data (its vocab has no room left to add them then).
+CHAT_TOKENS = ("<|im_start|>", END_OF_TURN)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int,
                         extra_special_tokens: tuple[str, ...] = ()) -> Tokenizer:
     """Byte-level BPE (GPT-2 pre-split, no normaliser so decode(encode(x)) == x) of `vocab_size`
-    ids; `extra_special_tokens` (e.g. the vision tokens) take ids right after eos and pad."""
+    ids; `extra_special_tokens` (e.g. the vision tokens) take ids right after eos and pad, then
+    `CHAT_TOKENS`."""
     tokenizer = Tokenizer(models.BPE())
     # No prefix space: a document's first word encodes as written, keeping the round trip exact.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
+        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens, *CHAT_TOKENS],
         # All 256 byte symbols, seen or not, so any text encodes without an unknown token.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -49,13 +53,18 @@ def load_or_train_tokenizer(path: Path, texts, vocab_size: int, extra_special_to
     else:
         tokenizer = train_bpe_tokenizer(texts() if callable(texts) else texts, vocab_size, extra_special_tokens)
         text = tokenizer.to_str()
+    write_text_atomically(path, text)
+    return tokenizer
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it there: a crash mid-write must not
+    leave a truncated file (a tokenizer, a chat template) that a resumed run would load."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A crash mid-write must not leave a truncated tokenizer.json that a resumed run would load.
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False,
                                      encoding="utf-8") as tmp:
         tmp.write(text)
     os.replace(tmp.name, path)
-    return tokenizer
 
 
 def _check_copied(tokenizer: Tokenizer, source: Path, vocab_size: int, needed: tuple[str, ...]) -> None:

@@ -1,6 +1,7 @@
 """A run's data, per config.data: the default text corpus, or that text mixed with images and
 videos (early fusion: digits, sklearn's photos, clips made from them, JSONL and ArrayRecord files)
-into one packed stream; packed in memory at start, or read as the run goes (data.streaming)."""
+into one packed stream; packed in memory at start, or read as the run goes (data.streaming); or
+conversations for supervised fine-tuning (kind chat, always read as the run goes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
 from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
@@ -30,15 +32,19 @@ from qwen_jax.data import (
     python_docs_corpus,
     split_documents,
 )
+from qwen_jax.data.chat_stream import ChatStream, chat_eval_batches, chat_records, rendered_texts
+from qwen_jax.data.conversations import TokenizeConversation, chat_renderer
 from qwen_jax.data.mm_pipeline import row_budget
 from qwen_jax.data.mm_streaming import MMStream, built_in_media, media_records, mm_stream_eval_batches
 from qwen_jax.data.streaming import (TOKENIZER_SAMPLE_CHARS, TextStream, stream_eval_batches, text_records,
                                      texts_of)
 from qwen_jax.data.text_sources import TEXT_FILE_SUFFIXES, load_text_file
+from qwen_jax.data.tokenizer import pad_id, write_text_atomically
 from qwen_jax.experiment import default_data_config
-from qwen_jax.interop.init_from import tokenizer_file
+from qwen_jax.interop.init_from import tokenizer_dir, tokenizer_file
 
-DATA_KINDS = ("text", "image_text")
+DATA_KINDS = ("text", "image_text", "chat")
+STREAMS = (TextStream, MMStream, ChatStream)
 EVAL_IMAGE_SHARE = 0.05  # of the image and of the video records, held out like the text documents
 
 
@@ -57,13 +63,13 @@ class RunData:
     def skipped_now(self) -> dict[str, int]:
         """Bad records by reason: those met while loading, and those a stream has read since."""
         counts = collections.Counter(self.skipped)
-        if isinstance(self.iterator, (TextStream, MMStream)):
+        if isinstance(self.iterator, STREAMS):
             counts.update(self.iterator.skipped)
         return dict(sorted(counts.items()))
 
     def close(self) -> None:
         """Stop the pipeline's worker processes or reading thread, if it has any."""
-        if isinstance(self.iterator, (MMBatchIterator, TextStream, MMStream)):
+        if isinstance(self.iterator, (MMBatchIterator, *STREAMS)):
             self.iterator.close()
 
 
@@ -128,6 +134,8 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
     """Tokenizer (init_from's, or trained once; kept in workdir), packed corpora, iterator and eval batches."""
     data = data_config(config)
     hosts = dict(process_index=process_index, process_count=process_count)
+    if data.kind == "chat":
+        return _chat(config, data, workdir, model_cfg, train_cfg, hosts)
     if data.streaming:
         return _streamed(config, data, workdir, model_cfg, train_cfg, hosts)
     documents, skipped_files = load_text_documents(data.text_sources, data.strict)
@@ -225,3 +233,25 @@ def _streamed(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: Tr
                         seed=config.seed, weights=weights, strict=data.strict, **hosts)
     eval_batches = mm_stream_eval_batches(groups, tokenizer, model_cfg, budget, **batches)
     return RunData(model_cfg, iterator, eval_batches, {}, images=True, videos=videos)
+
+
+def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, hosts: dict) -> RunData:
+    """RunData of conversations (supervised fine-tuning). The template the run trains with is kept as
+    WORKDIR/chat_template.jinja, so `generate --chat` and a later RL run of a checkpoint use it too."""
+    records = chat_records(data.chat_sources)
+    renderer = chat_renderer(data.chat_template, tokenizer_dir(config.get("init_from")),
+                             dict(data.chat_template_kwargs))
+    tokenizer = load_or_train_tokenizer(
+        workdir / "tokenizer.json",
+        lambda: list(rendered_texts(records, renderer, strict=data.strict, max_chars=TOKENIZER_SAMPLE_CHARS)),
+        model_cfg.vocab_size, source=tokenizer_file(config.get("init_from")))
+    tokenize = TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss)
+    tokenize.check()
+    kept = workdir / "chat_template.jinja"
+    if not kept.exists() and jax.process_index() == 0:
+        write_text_atomically(kept, renderer.template)
+    rows = dict(pad=pad_id(tokenizer), strict=data.strict, **hosts)
+    iterator = ChatStream(records, tokenize, global_batch_size=train_cfg.batch_size, seed=config.seed, **rows)
+    eval_batches = chat_eval_batches(records, tokenize, batch_size=train_cfg.batch_size,
+                                     max_batches=train_cfg.eval_batches, **rows)
+    return RunData(model_cfg, iterator, eval_batches, {})
