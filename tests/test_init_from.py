@@ -163,12 +163,18 @@ def test_prompts_and_replies_go_through_the_chat_formats(hf_policy):
         episodes = play_episodes(load_hf(directory), tokenizer, pool, [3, 4, 5, 6], max_new_tokens=3,
                                  max_turns=2, max_length=64, temperature=1.0, sample_seed=0,
                                  stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer), formats=CHAT)
+    end_of_turn, closed = tokenizer.token_to_id("<|im_end|>"), 0
     for row, seed in enumerate([3, 4, 5, 6]):
         given = episodes.tokens[row][(episodes.segment_ids[row] == 1) & (episodes.loss_mask[row] == 0)]
-        expected = (tokenizer.encode(CHAT[0].format(observation=f"What is {seed}+1?")).ids
-                    + tokenizer.encode(CHAT[1].format(observation="Try again.")).ids)
-        assert given.tolist() == expected
-        assert tokenizer.token_to_id("<|im_start|>") in expected  # the markup's special tokens, as tokens
+        prompt = tokenizer.encode(CHAT[0].format(observation=f"What is {seed}+1?")).ids
+        replied = np.flatnonzero(episodes.loss_mask[row])
+        first_reply_end = replied[np.flatnonzero(np.diff(replied) > 1)[0]]
+        # A first reply cut at max_new_tokens is closed by <|im_end|> (not sampled) before the next turn.
+        closing = [] if episodes.tokens[row, first_reply_end] in stop_ids(tokenizer) else [end_of_turn]
+        closed += len(closing)
+        assert given.tolist() == prompt + closing + tokenizer.encode(CHAT[1].format(observation="Try again.")).ids
+        assert tokenizer.token_to_id("<|im_start|>") in prompt  # the markup's special tokens, as tokens
+    assert closed > 0
 
 
 @pytest.mark.parametrize("form", ["{obs}", "{observation} {0}", "no placeholder", "{observation"])

@@ -2,7 +2,8 @@
 
 Each turn samples a response for every running episode in one batched `generate` call that
 continues the rows' decode cache, so nothing said before is recomputed; the environment's reply
-(a tool result, say) is appended as the next turn's prompt. An episode's tokens are its prompt,
+(a tool result, say) is appended as the next turn's prompt, after the stop token where the reply
+was cut at max_new_tokens. An episode's tokens are its prompt,
 then responses and replies in order; only the sampled tokens are trained on (loss_mask 1), and
 they keep the sampler's logprobs to check the trainer against. For MoE models every token also
 keeps the experts the sampler routed it to (prompts and replies from their prefill, sampled tokens
@@ -107,13 +108,16 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
         tokens, lengths, new_logprobs = map(to_host, (out.tokens, out.lengths, out.logprobs))
         # Did this turn's prompt open a think block (a template with thinking on may)?
         opened = formats[turn > 0].rstrip().endswith(THINK_OPEN)
-        actions = {}
+        actions, cut = {}, set()
         for row in np.flatnonzero(running):
             new = tokens[row, :lengths[row]].tolist()
             ids[row] += new
             sampled[row] += [1] * len(new)
             logprobs[row] += new_logprobs[row, :lengths[row]].tolist()
-            answer = tokenizer.decode(new[:-1] if new and new[-1] in stop_ids else new)
+            stopped = bool(new) and new[-1] in stop_ids
+            if not stopped:
+                cut.add(int(row))
+            answer = tokenizer.decode(new[:-1] if stopped else new)
             actions[int(row)] = visible_reply(answer, opened) if hide_thinking else answer
         started = time.perf_counter()
         results = pool.step(actions)
@@ -125,7 +129,10 @@ def play_episodes(model, tokenizer: Tokenizer, pool, seeds: Sequence[int], *,
             if result.done:
                 running[row] = False
             else:
-                prompts[row] = _encode(tokenizer, result.observation, reply_format) or [pad_id]
+                # A reply cut at max_new_tokens is closed as a finished one is (the reply format
+                # follows the stop token), by a token the policy did not sample.
+                closing = [stop_ids[0]] if row in cut else []
+                prompts[row] = closing + _encode(tokenizer, result.observation, reply_format) or [pad_id]
         if not running.any():
             break
     return _pad(ids, sampled, logprobs, routing, rewards, failed, max_length, pad_id, env_seconds)
