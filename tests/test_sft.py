@@ -12,7 +12,8 @@ from qwen_jax.config import ConfigError
 from qwen_jax.data.chat import load_chat_template
 from qwen_jax.data.chat_stream import ChatStream, chat_eval_batches, chat_records
 from qwen_jax.data.conversations import (CHATML_TEMPLATE, ChatRenderer, TokenizeConversation, chat_renderer,
-                                         is_held_out_conversation, python_help_conversations)
+                                         is_held_out_conversation, parse_conversation,
+                                         python_help_conversations)
 from qwen_jax.data.records import Skip
 from qwen_jax.data.sources import HELD_OUT_FRACTION
 from qwen_jax.data.tokenizer import pad_id, train_bpe_tokenizer
@@ -191,6 +192,19 @@ def test_eval_batches_hold_the_held_out_conversations_and_split_over_hosts(chats
     with pytest.raises(ConfigError, match="no usable conversation held out for eval"):
         chat_eval_batches(chat_records([path]), TokenizeConversation(tokenizer, ChatRenderer(CHATML_TEMPLATE),
                                                                      seq_len=8), **options)
+
+
+def test_sharegpt_records_are_read_as_messages():
+    record = {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+                                {"from": "gpt", "value": "hello"}]}
+    assert parse_conversation(json.dumps(record).encode(), "x") == {"tools": None, "messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(Skip, match="no 'messages' \\(or ShareGPT's 'conversations'\\)"):
+        parse_conversation(b'{"turns": []}', "x")
+    with pytest.raises(Skip, match=r"roles \['user'\]") as no_reply:
+        parse_conversation(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}).encode(), "x")
+    assert no_reply.value.reason == "no_assistant_turn"
 
 
 def test_built_in_conversations_are_docstring_questions_and_follow_ups():

@@ -2,14 +2,14 @@
 with a mask of the tokens the model learns to write (its own turns and the token that ends each).
 
 A record is a JSON object {"messages": [{"role": ..., "content": ...}, ...], "tools": [...]?} (the
-layout of HF chat data sets). Which characters an assistant turn wrote is found without knowing the
+layout of HF chat data sets), or ShareGPT's {"conversations": [{"from": "human", "value": ...}, ...]}. Which characters an assistant turn wrote is found without knowing the
 template: the conversation is rendered again with that turn replaced by a marker, and the turn is
 what differs. So any template works (Qwen's drops old reasoning, adds think blocks, writes tool
 calls) as long as it ends an assistant turn with a special token of the tokenizer (`<|im_end|>`).
 A bad record is skipped and counted by reason (strict: the first one raises, naming it):
 
     bad_json           the record is not a UTF-8 JSON object
-    missing_field      no "messages"
+    missing_field      no "messages" (nor "conversations")
     bad_field          "messages" is not a list of objects with a string "role"; "tools" not a list
     no_assistant_turn  nothing for the model to learn
     template_error     the chat template refused the conversation
@@ -44,6 +44,7 @@ LOSS_ON = ("assistant", "all")
 # match with the real turn exactly where the turn starts and ends.
 MARKS = ("AQwenJaxTurnMarkA", "ZQwenJaxTurnMarkZ")
 TOO_LONG = "too_long"
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
 
 
 def parse_conversation(record: bytes | str, where: str) -> dict:
@@ -57,10 +58,21 @@ def parse_conversation(record: bytes | str, where: str) -> dict:
     return check_conversation(value)
 
 
+def _from_sharegpt(turns) -> list:
+    """ShareGPT's [{"from": "human" | "gpt" | ..., "value": ...}] as messages (other items pass as they are)."""
+    if not isinstance(turns, list):
+        return turns
+    return [{"role": SHAREGPT_ROLES.get(turn["from"], turn["from"]), "content": turn["value"]}
+            if isinstance(turn, dict) and isinstance(turn.get("from"), str) and "value" in turn else turn
+            for turn in turns]
+
+
 def check_conversation(value: dict) -> dict:
     """A conversation's {"messages", "tools"} checked, or raise Skip naming what is wrong."""
+    if "messages" not in value and "conversations" in value:
+        value = {**value, "messages": _from_sharegpt(value["conversations"])}
     if "messages" not in value:
-        raise Skip("missing_field", f"no 'messages' among {sorted(value)}")
+        raise Skip("missing_field", f"no 'messages' (or ShareGPT's 'conversations') among {sorted(value)}")
     messages, tools = value["messages"], value.get("tools")
     if not isinstance(messages, list) or not messages:
         raise Skip("bad_field", "'messages' is not a non-empty list")
