@@ -98,6 +98,14 @@ def test_qwen_template_learns_reasoning_tool_calls_and_each_end_of_turn(tokenize
     assert everything(chat)[1].all()
 
 
+def test_a_pretraining_tokenizer_serves_chat_data():
+    """Tokenizers trained here hold ChatML's tokens whatever they were trained on, so a pretraining
+    run's checkpoint can be fine-tuned on conversations."""
+    plain = train_bpe_tokenizer([" ".join(WORDS)] * 20, 300)
+    assert [plain.token_to_id(token) for token in ("<|im_start|>", "<|im_end|>")] == [2, 3]
+    tokenize(plain).check()
+
+
 def test_templates_and_options_that_cannot_work_are_named(tokenizer, tmp_path):
     plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     with pytest.raises(ConfigError, match="does not end an assistant turn with a special token"):

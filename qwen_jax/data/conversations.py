@@ -125,21 +125,29 @@ class ChatRenderer:
         messages, tools = conversation["messages"], conversation.get("tools")
         try:
             text = self.render(messages, tools)
-            spans = []
-            for index, message in enumerate(messages):
-                if message["role"] != "assistant":
-                    continue
-                starts, ends = [], []
-                for mark in MARKS:
-                    probe = self.render([*messages[:index], {"role": "assistant", "content": mark},
-                                         *messages[index + 1:]], tools)
-                    starts.append(_common_prefix(text, probe))
-                    ends.append(len(text) - _common_suffix(text, probe))
-                start = min(starts)
-                spans.append((start, max(start, *ends)))
+            spans = [self._span(text, messages, index, tools) for index, message in enumerate(messages)
+                     if message["role"] == "assistant"]
         except Exception as error:  # noqa: BLE001 - a template may raise anything on a conversation it refuses
             raise Skip("template_error", f"{type(error).__name__}: {error}") from None
         return text, spans
+
+    def _span(self, text: str, messages: list[dict], index: int, tools) -> tuple[int, int]:
+        """[start, end) of what assistant turn `index` wrote in `text`: where text and the renders with
+        that turn replaced by each of MARKS part ways, from the start and from the end."""
+        starts, ends = [], []
+        for mark in MARKS:
+            probe = self.render([*messages[:index], {"role": "assistant", "content": mark}, *messages[index + 1:]],
+                                tools)
+            at = probe.find(mark)
+            before, after = probe[:at], probe[at + len(mark):]
+            # Mostly the turn's surroundings do not depend on what it says: one render shows them.
+            if (probe.count(mark) == 1 and len(before) + len(after) <= len(text) and text.startswith(before)
+                    and text.endswith(after)):
+                return len(before), len(text) - len(after)
+            starts.append(_common_prefix(text, probe))
+            ends.append(len(text) - _common_suffix(text, probe))
+        start = min(starts)
+        return start, max(start, *ends)
 
 
 def trained_tokens(encoding, spans: list[tuple[int, int]], closers: set[int]) -> np.ndarray:
