@@ -18,6 +18,7 @@ from qwen_jax.data.records import Skip
 from qwen_jax.data.sources import HELD_OUT_FRACTION
 from qwen_jax.data.tokenizer import pad_id, train_bpe_tokenizer
 from qwen_jax.experiment import load_config
+from qwen_jax.rl.loop import run_rl
 from resume_check import assert_resume_from_step_2_repeats_the_run
 
 SEQ_LEN = 96
@@ -223,7 +224,8 @@ def test_built_in_conversations_are_docstring_questions_and_follow_ups():
     assert sum(len(chat["messages"]) >= 4 for chat in chats) > len(chats) // 2  # with a follow-up
 
 
-def test_a_fine_tuning_run_resumes_exactly_and_keeps_its_template(chats, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_fine_tuning_run_resumes_exactly_and_rl_goes_on_in_its_chat_template(chats, tmp_path, capsys):
     path, _ = chats
     config = load_config("configs/sft_tiny.py", [
         "wandb.mode=disabled", "train.steps=4", "train.eval_every=2", "train.eval_batches=1",
@@ -236,3 +238,12 @@ def test_a_fine_tuning_run_resumes_exactly_and_keeps_its_template(chats, tmp_pat
     assert saved["record"] > 0 and np.isfinite(rows[-1]["eval/loss"])
     assert {key: value for key, value in rows[-1].items() if key.startswith("data/skipped/")} == {
         f"data/skipped/{reason}": count for reason, count in saved["skipped"].items()}
+    # pretrain -> SFT -> RL: the policy plays its tasks in the ChatML turns it was fine-tuned on.
+    rl_workdir = tmp_path / "rl"
+    run_rl(load_config("configs/rl_tiny.py", [
+        "wandb.mode=disabled", "model.vocab_size=400", "model.num_hidden_layers=2", "rl.warmup_steps=0",
+        "rl.groups=2", "rl.group_size=4", "rl.max_new_tokens=3", "rl.max_length=48", "rl.eval_prompts=4",
+        "rl.steps=1", f"init_from={workdir / 'checkpoints' / '4'}", "rl.chat_template=init_from"]), rl_workdir)
+    formats = json.loads((rl_workdir / "config.json").read_text())["rl"]
+    assert formats["prompt_format"] == "<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n"
+    assert (rl_workdir / "tokenizer.json").read_text() == (workdir / "tokenizer.json").read_text()
