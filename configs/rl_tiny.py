@@ -1,6 +1,6 @@
 """The default RL run on one CPU: a tiny policy learns to add two numbers from 0 to 9 by GRPO,
 after a short supervised warm-up on the task's own demonstrations (nothing can be downloaded
-here). About 6 minutes on 2 cores; experiments/rl_tiny/ holds its curve."""
+here). About 3 minutes on 2 cores; experiments/rl_tiny/ holds its curve."""
 
 from pathlib import Path
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-import grain
 import numpy as np
 
 from qwen_jax.config import ConfigError
@@ -23,7 +22,7 @@ from qwen_jax.data.packing import row_fields
 from qwen_jax.data.pipeline import Batch, per_host_batch_size
 from qwen_jax.data.records import Skip
 from qwen_jax.data.sources import HELD_OUT_FRACTION
-from qwen_jax.data.streaming import PASSED_OVER, DocumentReader, RecordIndex, read_document
+from qwen_jax.data.streaming import PASSED_OVER, DocumentReader, RecordIndex, host_records, read_document
 
 CHAT_FILE_SUFFIXES = (".jsonl", ".array_record")
 
@@ -118,14 +117,9 @@ class ChatStream:
     every P-th. `skipped` counts the bad records read so far by reason (once per epoch each).
     Resume with `get_state()` / `set_state()`."""
 
-    def __init__(self, records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, global_batch_size: int, seed: int | None, strict: bool = False, process_index: int = 0,
-                 process_count: int = 1):
-        if not len(records):
-            raise ConfigError("data.chat_sources hold no records")
-        conversations = grain.MapDataset.source(records)
-        if seed is not None:
-            conversations = conversations.shuffle(seed)  # the epoch is folded into the seed: a new order each
-        self._conversations = conversations.repeat()[process_index::process_count].map(
+    def __init__(self, records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, global_batch_size: int,
+                 seed: int | None, strict: bool = False, process_index: int = 0, process_count: int = 1):
+        self._conversations = host_records(records, "chat_sources", seed, process_index, process_count).map(
             TokenizeChatRecord(tokenize, strict))
         self._records_per_epoch = -(-len(records) // process_count)
         self._per_host = per_host_batch_size(global_batch_size, process_count)
@@ -161,7 +155,8 @@ class ChatStream:
         self._reader = None
 
 
-def chat_eval_batches(records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, batch_size: int, max_batches: int, strict: bool = False, process_index: int = 0,
+def chat_eval_batches(records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, batch_size: int,
+                      max_batches: int, strict: bool = False, process_index: int = 0,
                       process_count: int = 1) -> list[Batch]:
     """Fixed batches of the held-out conversations in corpus order, packed as the train ones; host p
     takes the p-th block of rows of each."""

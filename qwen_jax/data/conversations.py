@@ -2,10 +2,11 @@
 with a mask of the tokens the model learns to write (its own turns and the token that ends each).
 
 A record is a JSON object {"messages": [{"role": ..., "content": ...}, ...], "tools": [...]?} (the
-layout of HF chat data sets), or ShareGPT's {"conversations": [{"from": "human", "value": ...}, ...]}. Which characters an assistant turn wrote is found without knowing the
-template: the conversation is rendered again with that turn replaced by a marker, and the turn is
-what differs. So any template works (Qwen's drops old reasoning, adds think blocks, writes tool
-calls) as long as it ends an assistant turn with a special token of the tokenizer (`<|im_end|>`).
+layout of HF chat data sets), or ShareGPT's {"conversations": [{"from": "human", "value": ...}, ...]}.
+Which characters an assistant turn wrote is found without knowing the template: the conversation
+is rendered again with that turn replaced by a marker, and the turn is what differs. So any
+template works (Qwen's drops old reasoning, adds think blocks, writes tool calls) as long as it ends
+an assistant turn with a special token of the tokenizer (`<|im_end|>`).
 A bad record is skipped and counted by reason (strict: the first one raises, naming it):
 
     bad_json           the record is not a UTF-8 JSON object

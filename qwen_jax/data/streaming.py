@@ -198,6 +198,18 @@ class TokenizeRecord:
         return np.asarray([*ids, self._eos], np.int32)
 
 
+def host_records(records: RecordIndex, field: str, seed: int | None, process_index: int,
+                 process_count: int) -> grain.MapDataset:
+    """Host p's endless (where, record, parse) items: every P-th of the records, shuffled with `seed`
+    anew each epoch (None: in order)."""
+    if not len(records):
+        raise ConfigError(f"data.{field} hold no records")
+    items = grain.MapDataset.source(records)
+    if seed is not None:
+        items = items.shuffle(seed)  # the epoch is folded into the seed: a new order each
+    return items.repeat()[process_index::process_count]
+
+
 class TextStream:
     """Endless batches {key: [global_batch_size // process_count, seq_len]} of packed train rows.
 
@@ -208,12 +220,7 @@ class TextStream:
     def __init__(self, records: RecordIndex, tokenizer: Tokenizer, *, seq_len: int,
                  global_batch_size: int, seed: int | None, strict: bool = False,
                  process_index: int = 0, process_count: int = 1):
-        if not len(records):
-            raise ConfigError("data.text_sources hold no records")
-        documents = grain.MapDataset.source(records)
-        if seed is not None:
-            documents = documents.shuffle(seed)  # the epoch is folded into the seed: a new order each
-        self._documents = documents.repeat()[process_index::process_count].map(
+        self._documents = host_records(records, "text_sources", seed, process_index, process_count).map(
             TokenizeRecord(tokenizer, strict))
         self._records_per_epoch = -(-len(records) // process_count)
         self._per_host = per_host_batch_size(global_batch_size, process_count)
