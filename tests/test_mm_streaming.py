@@ -11,7 +11,7 @@ from PIL import Image
 from qwen_jax.data import (VISION_TOKENS, ImageProcessorConfig, VideoProcessorConfig, add_vision_tokens,
                            make_mm_eval_batches, pack_mm_corpus, train_bpe_tokenizer)
 from qwen_jax.data.mm_pipeline import row_budget
-from qwen_jax.data.mm_streaming import (MMStream, _media_held_out, media_records, mm_groups,
+from qwen_jax.data.mm_streaming import (MMStream, media_held_out, media_records, mm_groups,
                                         mm_stream_eval_batches)
 from qwen_jax.data.sources import is_held_out
 from qwen_jax.data.streaming import read_document
@@ -67,7 +67,7 @@ def test_in_order_the_stream_packs_the_in_memory_rows(corpus, setup):
     config, tokenizer = setup
     records = media_records("image_sources", image_sources, IMAGES, VIDEOS)
     items = [records[index] for index in range(len(records))]
-    train = [document for item in items if not _media_held_out(*item[:2])
+    train = [document for item in items if not media_held_out(*item[:2])
              and (document := read_document(item, strict=False)) is not None]
     assert 0 < len(items) - len(train) - sum(skipped.values()) < len(items) // 10  # ~5% held out
     want = pack_mm_corpus(tokenizer, train, config, seq_len=SEQ_LEN, max_patches=256)
@@ -112,7 +112,7 @@ def test_eval_batches_are_the_in_memory_packing_of_held_out_documents(corpus, se
     got = mm_stream_eval_batches(groups, tokenizer, config, row_budget(config, SEQ_LEN, 256), batch_size=4,
                                  max_batches=2)
     items = {name: [groups[name][index] for index in range(len(groups[name]))] for name in ("images", "text")}
-    held_images = [document for item in items["images"] if _media_held_out(*item[:2])
+    held_images = [document for item in items["images"] if media_held_out(*item[:2])
                    and (document := read_document(item, strict=False)) is not None]
     held_texts = [text for item in items["text"]
                   if (text := read_document(item, strict=False)) is not None and is_held_out(text)]

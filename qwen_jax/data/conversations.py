@@ -34,10 +34,19 @@ from qwen_jax.data.records import Skip
 from qwen_jax.data.sources import python_docs_corpus, stable_unit_hash
 from qwen_jax.data.tokenizer import END_OF_TURN
 
-# ChatML, the layout of Qwen's turns, for runs that bring no template of their own.
+# ChatML, the layout of Qwen's turns, for runs that bring no template of their own. A message's
+# content is a string or a list of parts ({"type": "text", "text": ...}, {"type": "image"}, {"type":
+# "video"}); an image or video stands where it is as Qwen's vision placeholder.
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- elif message.content %}{%- for part in message.content %}"
+    "{%- if part.type == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part.type == 'video' %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- else %}{{- part.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 LOSS_ON = ("assistant", "all")
@@ -151,11 +160,10 @@ class ChatRenderer:
         return start, max(start, *ends)
 
 
-def trained_tokens(encoding, spans: list[tuple[int, int]], closers: set[int]) -> np.ndarray:
-    """bool [tokens]: the tokens starting inside an assistant span, and the special token (one of
-    `closers`) right after each span, which ends the turn and teaches the model to stop."""
-    ids = encoding.ids
-    starts = np.array([start for start, _ in encoding.offsets], np.int64)
+def trained_tokens(ids, starts: np.ndarray, spans: list[tuple[int, int]], closers: set[int]) -> np.ndarray:
+    """bool [tokens] of token `ids` starting at characters `starts` (non-decreasing): those starting
+    inside an assistant span, and the special token (one of `closers`) right after each span, which
+    ends the turn and teaches the model to stop."""
     trained = np.zeros(len(ids), bool)
     for start, end in spans:
         first, after = np.searchsorted(starts, [start, end])
@@ -163,6 +171,11 @@ def trained_tokens(encoding, spans: list[tuple[int, int]], closers: set[int]) ->
         if after < len(ids) and ids[after] in closers:
             trained[after] = True
     return trained
+
+
+def token_starts(encoding) -> np.ndarray:
+    """int64 [tokens]: the character each token of a tokenizers Encoding starts at."""
+    return np.array([start for start, _ in encoding.offsets], np.int64)
 
 
 class TokenizeConversation:
@@ -188,7 +201,7 @@ class TokenizeConversation:
         ids = np.asarray(encoding.ids, np.int32)
         if self._loss_on == "all":
             return ids, np.ones(len(ids), bool)
-        return ids, trained_tokens(encoding, spans, self._closers)
+        return ids, trained_tokens(encoding.ids, token_starts(encoding), spans, self._closers)
 
     def check(self) -> None:
         """Raise a ConfigError unless a two-turn conversation's reply is learned with a special token ending it."""
@@ -199,7 +212,7 @@ class TokenizeConversation:
         except Skip as skip:
             raise ConfigError(f"the chat template cannot render a user turn and a reply: {skip.detail}") from None
         encoding = self._tokenizer.encode(text)
-        trained = np.flatnonzero(trained_tokens(encoding, spans, self._closers))
+        trained = np.flatnonzero(trained_tokens(encoding.ids, token_starts(encoding), spans, self._closers))
         if not len(trained) or encoding.ids[trained[-1]] not in self._closers:
             raise ConfigError(
                 "the chat template does not end an assistant turn with a special token of the tokenizer "

@@ -79,13 +79,15 @@ class RowBudget(NamedTuple):
 
 class TokenizedDocument(NamedTuple):
     """ids int32 [L] (eos last), the images and videos in order, and their spans int64 [n, 2]:
-    each item's block ids[start:end] (a video's from its first timestamp to its last vision_end)."""
+    each item's block ids[start:end] (a video's from its first timestamp to its last vision_end);
+    `trained` bool [L], the tokens to learn (a conversation's assistant turns; None: all text)."""
 
     ids: np.ndarray
     images: tuple[ProcessedImage, ...]
     image_spans: np.ndarray
     videos: tuple[ProcessedVideo, ...] = ()
     video_spans: np.ndarray = np.zeros((0, 2), np.int64)
+    trained: np.ndarray | None = None
 
     @property
     def num_patches(self) -> int:
@@ -131,7 +133,7 @@ def _block(length: int, pad: int, config: ModelConfig) -> np.ndarray:
     return ids
 
 
-def _visual_ids(tokenizer: Tokenizer, part, config: ModelConfig, source: str) -> np.ndarray:
+def visual_ids(tokenizer: Tokenizer, part, config: ModelConfig, source: str) -> np.ndarray:
     """An image's block, or a video's timestamped block per temporal patch."""
     if part.pixel_values.shape[1] != config.vision.patch_dim:
         raise ValueError(f"{source}: pixel_values rows of {part.pixel_values.shape[1]} values, but "
@@ -161,7 +163,7 @@ def tokenize_record(tokenizer: Tokenizer, record, config: ModelConfig,
         if isinstance(part, str):
             ids = _encode_text(tokenizer, part, config)
         else:
-            ids = _visual_ids(tokenizer, part, config, record.source)
+            ids = visual_ids(tokenizer, part, config, record.source)
             items[type(part)][0].append(part)
             items[type(part)][1].append((length, length + len(ids)))
         pieces.append(ids)
@@ -248,6 +250,7 @@ def build_row(documents: list[TokenizedDocument], pieces: tuple[Piece, ...], con
     input_ids = np.full(seq_len, pad_id, np.int32)
     segment_ids = np.zeros(seq_len, np.int32)
     given = np.zeros(seq_len + 1, bool)  # tokens of an image or video block: never targets
+    untrained = np.zeros(seq_len + 1, bool)  # tokens a conversation gives, not its assistant turns
     pixel_values = np.zeros((budget.max_patches, dim), np.float32)
     image_grid_thw = np.zeros((budget.max_images, 3), np.int32)
     pixel_values_videos = np.zeros((budget.max_video_patches, dim), np.float32)
@@ -257,6 +260,8 @@ def build_row(documents: list[TokenizedDocument], pieces: tuple[Piece, ...], con
         document = documents[index]
         input_ids[at:at + end - start] = document.ids[start:end]
         segment_ids[at:at + end - start] = segment
+        if document.trained is not None:
+            untrained[at:at + end - start] = ~document.trained[start:end]
         for block_start, block_end in document.spans:
             if start <= block_start < end:
                 given[at + block_start - start:at + block_end - start] = True
@@ -271,7 +276,7 @@ def build_row(documents: list[TokenizedDocument], pieces: tuple[Piece, ...], con
                            video_grid_thw=video_grid_thw[:num_videos],
                            segment_ids=segment_ids[None])[:, 0]
     row = {"input_ids": input_ids, "targets": targets, "segment_ids": segment_ids,
-           "positions": positions, "loss_mask": (same_segment & ~given[1:]).astype(np.float32),
+           "positions": positions, "loss_mask": (same_segment & ~given[1:] & ~untrained[1:]).astype(np.float32),
            "pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
            "num_images": np.int32(num_images)}
     if budget.max_video_patches:

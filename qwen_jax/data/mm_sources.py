@@ -176,14 +176,25 @@ def parse_media_record(line: bytes, folder: Path, config: ImageProcessorConfig,
     if not any(kind == "text" and value.strip() for kind, value, _ in parts):
         raise Skip("empty_document", "no text but whitespace")
 
-    def load(kind, value, part):
-        if kind == "text":
-            return value
-        if kind == "video":
-            return _load_video(part, folder, video_config)
-        return _load_image(kind, value, folder, config, min_image_side)
+    return ImageTextRecord(parts=tuple(_load_part(*part, folder, config, video_config, min_image_side)
+                                       for part in parts), source=where)
 
-    return ImageTextRecord(parts=tuple(load(*part) for part in parts), source=where)
+
+def _load_part(kind: str, value: str, part: dict, folder: Path, config: ImageProcessorConfig,
+               video_config: VideoProcessorConfig, min_image_side: int):
+    """A text part's text, or an image or video part decoded and preprocessed; raise Skip."""
+    if kind == "text":
+        return value
+    if kind == "video":
+        return _load_video(part, folder, video_config)
+    return _load_image(kind, value, folder, config, min_image_side)
+
+
+def load_part(part, folder: Path, config: ImageProcessorConfig, video_config: VideoProcessorConfig,
+              min_image_side: int = MIN_IMAGE_SIDE) -> str | ProcessedImage | ProcessedVideo:
+    """One {"text"} / {"image"} / {"image_bytes"} / {"video"} part (other keys, e.g. a chat part's
+    "type", are left alone): its text, or its image or video preprocessed; raise Skip."""
+    return _load_part(*_kind_and_value(part), part, folder, config, video_config, min_image_side)
 
 
 def load_image_text_jsonl(path: str | Path, config: ImageProcessorConfig, *, strict: bool = False,

@@ -17,7 +17,7 @@ video records by a hash of the record itself, EVAL_MEDIA_SHARE of them, before a
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -64,7 +64,7 @@ def media_records(field: str, sources: Sequence[str], images: ImageProcessorConf
     return RecordIndex(field, sources, built_in, parser, (".jsonl", ".array_record"))
 
 
-def _media_held_out(where: str, record) -> bool:
+def media_held_out(where: str, record) -> bool:
     """A hash of the record (a built-in's name and index), so the split needs no decoding."""
     key = record.decode("latin-1") if isinstance(record, bytes) else where
     return stable_unit_hash(key, 0) < EVAL_MEDIA_SHARE
@@ -81,7 +81,7 @@ class TokenizeDocument:
 
     def __call__(self, item) -> TokenizedDocument | str:
         where, record, parse = item
-        if self._media and _media_held_out(where, record):
+        if self._media and media_held_out(where, record):
             return PASSED_OVER
         try:
             document = parse(record, where)
@@ -102,12 +102,14 @@ class MMStream:
     """Endless batches {key: [global_batch_size // process_count, ...]} of packed image-text rows
     (mm_pipeline's row keys). Sources come shuffled with `seed` (None: in order), mixed by `weights`
     (one per group of `groups`, e.g. {"text": 0.5, "images": 0.35, "videos": 0.15}); host p reads
-    every P-th document. `skipped` counts bad records read so far. Resume with get_state / set_state."""
+    every P-th document. `skipped` counts bad records read so far. Resume with get_state / set_state.
+    `tokenize_for` maps a group to its own (where, record, parse) -> document function (e.g. the
+    conversations of mm_chat.py), in place of `TokenizeDocument`."""
 
     def __init__(self, groups: Mapping[str, RecordIndex], tokenizer: Tokenizer, config: ModelConfig,
                  budget: RowBudget, *, global_batch_size: int, seed: int | None,
                  weights: Mapping[str, float] | None = None, strict: bool = False, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, tokenize_for: Mapping[str, Callable] | None = None):
         check_vision_tokens(tokenizer, config)
         names = sorted(name for name, records in groups.items() if len(records))
         if not names:
@@ -117,8 +119,9 @@ class MMStream:
             records = grain.MapDataset.source(groups[name])
             if seed is not None:
                 records = records.shuffle(seed + 7919 * k)  # the epoch is folded in: anew each epoch
-            streams.append(records.repeat().map(
-                TokenizeDocument(tokenizer, config, budget, media=name != "text", strict=strict)))
+            tokenize = (tokenize_for or {}).get(name) or TokenizeDocument(
+                tokenizer, config, budget, media=name != "text", strict=strict)
+            streams.append(records.repeat().map(tokenize))
         weights = weights or {name: 1.0 for name in names}
         mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [weights[n] for n in names])
         self._documents = mixed[process_index::process_count]
@@ -193,7 +196,7 @@ def mm_stream_eval_batches(groups: Mapping[str, RecordIndex], tokenizer: Tokeniz
         records, found = groups.get(name), []
         for index in range(len(records) if records is not None else 0):
             item = records[index]
-            if name != "text" and not _media_held_out(*item[:2]):
+            if name != "text" and not media_held_out(*item[:2]):
                 continue  # decided before decoding anything
             document = read_document(item, strict)
             if document is not None and (name != "text" or is_held_out(document)):

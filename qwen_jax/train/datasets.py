@@ -34,6 +34,8 @@ from qwen_jax.data import (
 )
 from qwen_jax.data.chat_stream import ChatStream, chat_eval_batches, chat_records, rendered_texts
 from qwen_jax.data.conversations import TokenizeConversation, chat_renderer
+from qwen_jax.data.mm_chat import (TokenizeMediaChatRecord, TokenizeMediaConversation, media_chat_eval_batches,
+                                    media_chat_records, media_chat_texts)
 from qwen_jax.data.mm_pipeline import row_budget
 from qwen_jax.data.mm_streaming import MMStream, built_in_media, media_records, mm_stream_eval_batches
 from qwen_jax.data.streaming import (TOKENIZER_SAMPLE_CHARS, TextStream, stream_eval_batches, text_records,
@@ -194,10 +196,14 @@ def _vision_setup(data, model_cfg: ModelConfig, tokenizer) -> tuple[ModelConfig,
     if model_cfg.vision is None:
         raise ConfigError("data.kind 'image_text' needs a vision tower: set model.vision "
                           "(e.g. 'tiny')")
-    images = ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
-    videos = VideoProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.video_max_pixels,
-                                  fps=data.video_fps, max_frames=data.max_frames)
-    return model_cfg.replace(**add_vision_tokens(tokenizer)), images, videos
+    return model_cfg.replace(**add_vision_tokens(tokenizer)), *_processors(data)
+
+
+def _processors(data) -> tuple[ImageProcessorConfig, VideoProcessorConfig]:
+    """config.data's image and video preprocessing."""
+    return (ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels),
+            VideoProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.video_max_pixels,
+                                 fps=data.video_fps, max_frames=data.max_frames))
 
 
 def _streamed(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -236,22 +242,45 @@ def _streamed(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: Tr
 
 
 def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, hosts: dict) -> RunData:
-    """RunData of conversations (supervised fine-tuning). The template the run trains with is kept as
-    WORKDIR/chat_template.jinja, so `generate --chat` and a later RL run of a checkpoint use it too."""
-    records = chat_records(data.chat_sources)
+    """RunData of conversations (supervised fine-tuning); with images and videos where the model has a
+    vision tower. The template the run trains with is kept as WORKDIR/chat_template.jinja, so
+    `generate --chat` and a later RL run of a checkpoint use it too."""
+    vision = model_cfg.vision is not None
+    records = media_chat_records(data.chat_sources, *_processors(data)) if vision else chat_records(data.chat_sources)
     renderer = chat_renderer(data.chat_template, tokenizer_dir(config.get("init_from")),
                              dict(data.chat_template_kwargs))
+    texts = media_chat_texts if vision else rendered_texts
     tokenizer = load_or_train_tokenizer(
         workdir / "tokenizer.json",
-        lambda: list(rendered_texts(records, renderer, strict=data.strict, max_chars=TOKENIZER_SAMPLE_CHARS)),
-        model_cfg.vocab_size, source=tokenizer_file(config.get("init_from")))
-    tokenize = TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss)
-    tokenize.check()
+        lambda: list(texts(records, renderer, strict=data.strict, max_chars=TOKENIZER_SAMPLE_CHARS)),
+        model_cfg.vocab_size, tuple(VISION_TOKENS.values()) if vision else (),
+        source=tokenizer_file(config.get("init_from")))
     kept = workdir / "chat_template.jinja"
     if not kept.exists() and jax.process_index() == 0:
         write_text_atomically(kept, renderer.template)
+    if vision:
+        return _media_chat(data, records, renderer, tokenizer, model_cfg, train_cfg, config.seed, hosts)
+    tokenize = TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss)
+    tokenize.check()
     rows = dict(pad=pad_id(tokenizer), strict=data.strict, **hosts)
     iterator = ChatStream(records, tokenize, global_batch_size=train_cfg.batch_size, seed=config.seed, **rows)
     eval_batches = chat_eval_batches(records, tokenize, batch_size=train_cfg.batch_size,
                                      max_batches=train_cfg.eval_batches, **rows)
     return RunData(model_cfg, iterator, eval_batches, {})
+
+
+def _media_chat(data, records, renderer, tokenizer, model_cfg: ModelConfig, train_cfg: TrainConfig, seed,
+                hosts: dict) -> RunData:
+    """Conversations with images and videos, planned into image-text rows (which carry video arrays)."""
+    TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss).check()
+    model_cfg = model_cfg.replace(**add_vision_tokens(tokenizer))
+    budget = row_budget(model_cfg, train_cfg.seq_len, data.max_patches, max_video_patches=data.max_video_patches)
+    tokenize = TokenizeMediaConversation(tokenizer, renderer, model_cfg, budget, loss_on=data.chat_loss)
+    iterator = MMStream({"chat": records}, tokenizer, model_cfg, budget, global_batch_size=train_cfg.batch_size,
+                        seed=seed, strict=data.strict, tokenize_for={"chat": TokenizeMediaChatRecord(tokenize,
+                                                                                                   data.strict)},
+                        **hosts)
+    eval_batches = media_chat_eval_batches(records, tokenize, model_cfg, budget, pad=pad_id(tokenizer),
+                                           batch_size=train_cfg.batch_size, max_batches=train_cfg.eval_batches,
+                                           strict=data.strict, **hosts)
+    return RunData(model_cfg, iterator, eval_batches, {}, images=True, videos=budget.max_video_patches > 0)
