@@ -178,17 +178,26 @@ def token_starts(encoding) -> np.ndarray:
     return np.array([start for start, _ in encoding.offsets], np.int64)
 
 
+def special_ids(tokenizer: Tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens: those that may end a turn."""
+    return {token_id for token_id, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+
+
+def checked_loss_on(loss_on: str) -> str:
+    """data.chat_loss, or a ConfigError naming the choices."""
+    if loss_on not in LOSS_ON:
+        raise ConfigError(f"data.chat_loss is {loss_on!r}; choose one of {LOSS_ON}")
+    return loss_on
+
+
 class TokenizeConversation:
     """A conversation -> (token ids int32 [T <= seq_len], trained bool [T]); raise Skip where it cannot be used."""
 
     def __init__(self, tokenizer: Tokenizer, renderer: ChatRenderer, *, seq_len: int,
                  loss_on: str = "assistant"):
-        if loss_on not in LOSS_ON:
-            raise ConfigError(f"data.chat_loss is {loss_on!r}; choose one of {LOSS_ON}")
         self._tokenizer, self._renderer = tokenizer, renderer
-        self.seq_len, self._loss_on = seq_len, loss_on
-        self._closers = {token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()
-                         if token.special}
+        self.seq_len, self._loss_on = seq_len, checked_loss_on(loss_on)
+        self._closers = special_ids(tokenizer)
 
     def __call__(self, conversation: dict) -> tuple[np.ndarray, np.ndarray]:
         text, spans = self._renderer(conversation)

@@ -21,9 +21,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from qwen_jax.config import ConfigError, ModelConfig
-from qwen_jax.data.conversations import (LOSS_ON, TOO_LONG, ChatRenderer, check_conversation,
-                                         parse_conversation, python_help_conversations, token_starts,
-                                         trained_tokens)
+from qwen_jax.data.chat_stream import CHAT_FILE_SUFFIXES
+from qwen_jax.data.conversations import (TOO_LONG, ChatRenderer, check_conversation, checked_loss_on,
+                                         parse_conversation, python_help_conversations, special_ids,
+                                         token_starts, trained_tokens)
 from qwen_jax.data.images import ImageProcessorConfig, ProcessedImage
 from qwen_jax.data.mm_packing import (RowBudget, TokenizedDocument, budget_problem, placeholder_ids, plan_rows,
                                       visual_ids)
@@ -93,7 +94,7 @@ def media_chat_records(sources: Sequence[str], images: ImageProcessorConfig,
     built_in = {"python_help": (python_help_conversations, lambda record, where: MediaConversation(
                     check_conversation(record))),
                 "digits_chat": (lambda: digit_conversations(images), lambda record, where: record)}
-    return RecordIndex("chat_sources", sources, built_in, parser, (".jsonl", ".array_record"))
+    return RecordIndex("chat_sources", sources, built_in, parser, CHAT_FILE_SUFFIXES)
 
 
 def media_chat_texts(records: RecordIndex, renderer: ChatRenderer, *, strict: bool, max_chars: int):
@@ -127,12 +128,8 @@ class TokenizeMediaConversation:
 
     def __init__(self, tokenizer: Tokenizer, renderer: ChatRenderer, config: ModelConfig, budget: RowBudget,
                  *, loss_on: str = "assistant"):
-        if loss_on not in LOSS_ON:
-            raise ConfigError(f"data.chat_loss is {loss_on!r}; choose one of {LOSS_ON}")
         self._tokenizer, self._renderer, self._config, self._budget = tokenizer, renderer, config, budget
-        self._loss_on = loss_on
-        self._closers = {token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()
-                         if token.special}
+        self._loss_on, self._closers = checked_loss_on(loss_on), special_ids(tokenizer)
 
     def __call__(self, item: MediaConversation) -> TokenizedDocument:
         text, turn_spans = self._renderer(item.conversation)
