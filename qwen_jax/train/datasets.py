@@ -271,15 +271,15 @@ def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainC
 
 def _media_chat(data, records, renderer, tokenizer, model_cfg: ModelConfig, train_cfg: TrainConfig, seed,
                 hosts: dict) -> RunData:
-    """Conversations with images and videos, planned into image-text rows (which carry video arrays)."""
+    """Conversations with images and videos, planned into image-text rows (with video arrays unless
+    data.max_video_patches is 0)."""
     TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss).check()
     model_cfg = model_cfg.replace(**add_vision_tokens(tokenizer))
     budget = row_budget(model_cfg, train_cfg.seq_len, data.max_patches, max_video_patches=data.max_video_patches)
     tokenize = TokenizeMediaConversation(tokenizer, renderer, model_cfg, budget, loss_on=data.chat_loss)
+    conversations = TokenizeMediaChatRecord(tokenize, data.strict)
     iterator = MMStream({"chat": records}, tokenizer, model_cfg, budget, global_batch_size=train_cfg.batch_size,
-                        seed=seed, strict=data.strict, tokenize_for={"chat": TokenizeMediaChatRecord(tokenize,
-                                                                                                   data.strict)},
-                        **hosts)
+                        seed=seed, strict=data.strict, tokenize_for={"chat": conversations}, **hosts)
     eval_batches = media_chat_eval_batches(records, tokenize, model_cfg, budget, pad=pad_id(tokenizer),
                                            batch_size=train_cfg.batch_size, max_batches=train_cfg.eval_batches,
                                            strict=data.strict, **hosts)
