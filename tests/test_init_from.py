@@ -242,3 +242,23 @@ def test_hide_thinking_shows_the_environment_the_answer_only(hf_policy, hide_thi
                                  stop_ids=stop_ids(tokenizer), pad_id=pad_id(tokenizer), formats=CHAT,
                                  hide_thinking=hide_thinking)
     assert ACTIONS == [seen] * 4 and episodes.loss_mask.sum() > 0  # two turns of two episodes
+
+
+@pytest.mark.slow
+def test_fine_tuning_an_hf_checkpoint_on_chat_data_in_its_own_template(hf_policy, tmp_path):
+    """configs/sft_0_8b.py's path: init_from an HF directory, data.chat_template=init_from."""
+    directory, _ = hf_policy
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
+                                                        {"role": "assistant", "content": str(a + b)}]})
+                               for a in range(10) for b in range(10)) + "\n")
+    config = load_config("configs/sft_tiny.py", [
+        "wandb.mode=disabled", "model.vocab_size=384", "model.hidden_size=64", "model.intermediate_size=128",
+        "model.num_hidden_layers=2", "train.steps=2", "train.eval_every=2", "train.eval_batches=1",
+        "train.batch_size=8", "train.seq_len=64", f"init_from={directory}", "data.chat_template=init_from",
+        f"data.chat_sources=['{chats}']", "data.chat_template_kwargs={'enable_thinking': False}"])
+    rows = run_training(config, tmp_path / "run")
+    assert 0 < rows[-1]["eval/loss"] < 20 and rows[-1]["learning/loss"] > 0
+    assert not any(key.startswith("data/skipped/") for key in rows[-1])
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == CHAT_TEMPLATE.read_text()
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
