@@ -19,6 +19,7 @@ from qwen_jax.data.sources import HELD_OUT_FRACTION
 from qwen_jax.data.tokenizer import pad_id, train_bpe_tokenizer
 from qwen_jax.experiment import load_config
 from qwen_jax.rl.loop import run_rl
+from qwen_jax.train.loop import run_training
 from resume_check import assert_resume_from_step_2_repeats_the_run
 
 SEQ_LEN = 96
@@ -247,3 +248,15 @@ def test_a_fine_tuning_run_resumes_exactly_and_rl_goes_on_in_its_chat_template(c
     formats = json.loads((rl_workdir / "config.json").read_text())["rl"]
     assert formats["prompt_format"] == "<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n"
     assert (rl_workdir / "tokenizer.json").read_text() == (workdir / "tokenizer.json").read_text()
+
+
+def test_a_refused_template_is_not_kept_in_the_workdir(chats, tmp_path):
+    path, _ = chats
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    config = load_config("configs/sft_tiny.py", [
+        "wandb.mode=disabled", f"train.seq_len={SEQ_LEN}", "model.vocab_size=400",
+        f"data.chat_sources=['{path}']", f"data.chat_template={plain}"])
+    with pytest.raises(ConfigError, match="does not end an assistant turn with a special token"):
+        run_training(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "chat_template.jinja").exists()

@@ -7,10 +7,12 @@ greedily, the first digit of the answer compared with the label.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
 from qwen_jax.data import ImageProcessorConfig, VideoProcessorConfig
@@ -20,16 +22,19 @@ from qwen_jax.data.mm_pipeline import row_budget
 from qwen_jax.data.mm_streaming import media_held_out
 from qwen_jax.generate.engine import generate
 from qwen_jax.generate.loading import load_for_generation
+from qwen_jax.train.datasets import data_config
 
 
 def main(workdir: Path) -> None:
     model, tokenizer, stop_ids = load_for_generation(workdir)
     config = model.config
-    # configs/sft_vl_tiny.py's image processing (the data defaults).
-    images = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=64 * 64)
-    records = media_chat_records(["digits_chat"], images, VideoProcessorConfig(min_pixels=32 * 32))
-    tokenize = TokenizeMediaConversation(tokenizer, ChatRenderer(CHATML_TEMPLATE), config,
-                                         row_budget(config, 512, 256))
+    # The run's own image processing and row budget (its resolved config), and its ChatML template.
+    resolved = json.loads((workdir / "config.json").read_text())
+    data = data_config(ml_collections.ConfigDict(resolved["config"]))
+    images = ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    records = media_chat_records(["digits_chat"], images, VideoProcessorConfig(min_pixels=data.min_pixels))
+    budget = row_budget(config, resolved["train"]["seq_len"], data.max_patches)
+    tokenize = TokenizeMediaConversation(tokenizer, ChatRenderer(CHATML_TEMPLATE), config, budget)
     generation_prompt = tokenizer.encode("<|im_start|>assistant\n").ids
     prompts, pixels, grids, labels = [], [], [], []
     for index in range(len(records)):

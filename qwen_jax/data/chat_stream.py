@@ -38,17 +38,18 @@ def chat_records(sources: Sequence[str]) -> RecordIndex:
 
 
 def conversations_of(records: RecordIndex, *, held_out: bool, strict: bool):
-    """The good conversations of one side of the split, in corpus order."""
+    """(where, conversation) of the good conversations of one side of the split, in corpus order."""
     for index in range(len(records)):
-        conversation = read_document(records[index], strict)
+        item = records[index]
+        conversation = read_document(item, strict)
         if conversation is not None and is_held_out_conversation(conversation, HELD_OUT_FRACTION) == held_out:
-            yield conversation
+            yield item[0], conversation
 
 
 def rendered_texts(records: RecordIndex, renderer: ChatRenderer, *, strict: bool, max_chars: int):
     """The train conversations as the template writes them (up to about `max_chars`), to train a tokenizer on."""
     chars = 0
-    for conversation in conversations_of(records, held_out=False, strict=strict):
+    for _, conversation in conversations_of(records, held_out=False, strict=strict):
         try:
             text = renderer.render(conversation["messages"], conversation["tools"])
         except Exception:  # noqa: BLE001 - the stream counts it as template_error; here it is just left out
@@ -162,12 +163,12 @@ def chat_eval_batches(records: RecordIndex, tokenize: TokenizeConversation, *, p
     takes the p-th block of rows of each."""
     per_host, seq_len = per_host_batch_size(batch_size, process_count), tokenize.seq_len
     batches, rows = [], ConversationRows(batch_size, seq_len, pad)
-    for conversation in conversations_of(records, held_out=True, strict=strict):
+    for where, conversation in conversations_of(records, held_out=True, strict=strict):
         try:
             ids, trained = tokenize(conversation)
         except Skip as skip:  # counted where the train stream meets it; eval leaves it out
             if strict:
-                raise skip.at("a held-out conversation") from None
+                raise skip.at(where) from None
             continue
         if not rows.add(ids, trained):
             batches.append(rows.batch())

@@ -29,13 +29,13 @@ from qwen_jax.data.images import ImageProcessorConfig, ProcessedImage
 from qwen_jax.data.mm_packing import (RowBudget, TokenizedDocument, budget_problem, placeholder_ids, plan_rows,
                                       visual_ids)
 from qwen_jax.data.mm_pipeline import MMPackedCorpus, make_mm_eval_batches
-from qwen_jax.data.mm_sources import digits_image_text_records, load_part
+from qwen_jax.data.mm_sources import PART_KINDS, digits_image_text_records, load_part
 from qwen_jax.data.mm_streaming import EVAL_MEDIA_SHARE, media_held_out
 from qwen_jax.data.records import Skip
 from qwen_jax.data.streaming import PASSED_OVER, RecordIndex
 from qwen_jax.data.videos import VideoProcessorConfig
 
-MEDIA_KEYS = ("image", "image_bytes", "video")
+MEDIA_KEYS = tuple(kind for kind in PART_KINDS if kind != "text")
 # What a chat template writes for an image or a video (Qwen's templates, and the built-in ChatML).
 VISION_PLACEHOLDER = re.compile(r"<\|vision_start\|>(<\|image_pad\|>|<\|video_pad\|>)<\|vision_end\|>")
 DIGIT_QUESTION = "Which digit is this?"
@@ -60,8 +60,7 @@ def load_media(conversation: dict, folder: Path, images: ImageProcessorConfig,
             parts = []
             for part in content:
                 if isinstance(part, dict) and any(key in part for key in MEDIA_KEYS):
-                    item = load_part({key: value for key, value in part.items() if key != "type"}, folder,
-                                     images, videos)
+                    item = load_part(part, folder, images, videos)
                     media.append(item)
                     part = {"type": "image" if isinstance(item, ProcessedImage) else "video"}
                 parts.append(part)

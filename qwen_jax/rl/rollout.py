@@ -3,11 +3,11 @@
 Each turn samples a response for every running episode in one batched `generate` call that
 continues the rows' decode cache, so nothing said before is recomputed; the environment's reply
 (a tool result, say) is appended as the next turn's prompt, after the stop token where the reply
-was cut at max_new_tokens. An episode's tokens are its prompt,
-then responses and replies in order; only the sampled tokens are trained on (loss_mask 1), and
-they keep the sampler's logprobs to check the trainer against. For MoE models every token also
-keeps the experts the sampler routed it to (prompts and replies from their prefill, sampled tokens
-from their decode step), so that the learner can replay them.
+was cut at max_new_tokens. An episode's tokens are its prompt, then responses and replies in
+order; only the sampled tokens are trained on (loss_mask 1), and they keep the sampler's logprobs
+to check the trainer against. For MoE models every token also keeps the experts the sampler routed
+it to (prompts and replies from their prefill, sampled tokens from their decode step), so that the
+learner can replay them.
 """
 
 from __future__ import annotations

@@ -255,13 +255,13 @@ def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainC
         lambda: list(texts(records, renderer, strict=data.strict, max_chars=TOKENIZER_SAMPLE_CHARS)),
         model_cfg.vocab_size, tuple(VISION_TOKENS.values()) if vision else (),
         source=tokenizer_file(config.get("init_from")))
+    tokenize = TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss)
+    tokenize.check()  # before the run keeps the template: a refused one must not stay in the workdir
     kept = workdir / "chat_template.jinja"
     if not kept.exists() and jax.process_index() == 0:
         write_text_atomically(kept, renderer.template)
     if vision:
         return _media_chat(data, records, renderer, tokenizer, model_cfg, train_cfg, config.seed, hosts)
-    tokenize = TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss)
-    tokenize.check()
     rows = dict(pad=pad_id(tokenizer), strict=data.strict, **hosts)
     iterator = ChatStream(records, tokenize, global_batch_size=train_cfg.batch_size, seed=config.seed, **rows)
     eval_batches = chat_eval_batches(records, tokenize, batch_size=train_cfg.batch_size,
@@ -273,7 +273,6 @@ def _media_chat(data, records, renderer, tokenizer, model_cfg: ModelConfig, trai
                 hosts: dict) -> RunData:
     """Conversations with images and videos, planned into image-text rows (with video arrays unless
     data.max_video_patches is 0)."""
-    TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss).check()
     model_cfg = model_cfg.replace(**add_vision_tokens(tokenizer))
     budget = row_budget(model_cfg, train_cfg.seq_len, data.max_patches, max_video_patches=data.max_video_patches)
     tokenize = TokenizeMediaConversation(tokenizer, renderer, model_cfg, budget, loss_on=data.chat_loss)
