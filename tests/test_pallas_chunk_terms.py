@@ -96,19 +96,22 @@ def test_fused_terms_in_bf16_stay_within_bf16_error():
         assert relative_error(grad, expected) < 1e-2, name
 
 
-def test_gpu_kernels_lower_to_triton_for_cuda():
-    """The bf16 forward and backward of the whole rule lower for CUDA: all four kernels become Triton calls
+@pytest.mark.parametrize("fused_terms, kernels", [
+    (True, {"gdr_chunk_terms", "gdr_chunk_terms_backward", "gdr_chunk_forward", "gdr_chunk_backward"}),
+    (None, {"gdr_chunk_forward", "gdr_chunk_backward"}),  # the GPU default: XLA's terms, the recurrence kernels
+])
+def test_gpu_kernels_lower_to_triton_for_cuda(fused_terms, kernels):
+    """The bf16 forward and backward of the whole rule lower for CUDA: each kernel becomes a Triton call
     (this checks the Pallas-to-Triton lowering of every op they use; compiling needs a GPU)."""
     shapes = [jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)] * 3 + \
              [jax.ShapeDtypeStruct((1, 256, 2), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((1, 256), jnp.int32)]
 
     def loss(q, k, v, g, beta, ids):
         o, final = pallas_gated_delta_rule(q, k, v, g, beta, segment_ids=ids, normalize_qk=True, platform="gpu",
-                                           interpret=False)
+                                           interpret=False, fused_terms=fused_terms)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
 
     lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(*shapes).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
-    assert text.count("xla.gpu.triton") == 4
-    assert set(re.findall(r'name = "(gdr_\w+)"', text)) == {
-        "gdr_chunk_terms", "gdr_chunk_terms_backward", "gdr_chunk_forward", "gdr_chunk_backward"}
+    assert text.count("xla.gpu.triton") == len(kernels)
+    assert set(re.findall(r'name = "(gdr_\w+)"', text)) == kernels

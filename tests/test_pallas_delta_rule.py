@@ -54,10 +54,19 @@ def tpu_rule(q, k, v, g, beta, **kwargs):
     return pallas_gated_delta_rule(q, k, v, g, beta, platform="tpu", **kwargs)
 
 
+def rule_for(kernel):
+    """The rule as gated_delta_rule(method=kernel, normalize_qk=True) takes it; "pallas-tpu": the TPU kernels,
+    "pallas-fused": the GPU ones with the fused chunk-terms kernel (the GPU default takes XLA's terms)."""
+    if kernel == "pallas-tpu":
+        return tpu_rule
+    if kernel == "pallas-fused":
+        return functools.partial(pallas_gated_delta_rule, normalize_qk=True, platform="gpu", fused_terms=True)
+    return functools.partial(gated_delta_rule, method=kernel, normalize_qk=True)
+
+
 def weighted_loss(method, q, k, v, g, beta, state, ids, weights):
     """A scalar that depends on every output and on the final state, so every gradient path is checked."""
-    rule = tpu_rule if method == "pallas-tpu" else functools.partial(
-        gated_delta_rule, method=method, normalize_qk=True)
+    rule = rule_for(method)
     o, final = rule(q, k, v, g, beta, initial_state=state, segment_ids=ids)
     return jnp.sum(o.astype(jnp.float32) * weights) + jnp.sum(final * final)
 
@@ -72,7 +81,7 @@ def relative_error(actual, expected):
     return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
 
 
-@pytest.mark.parametrize("kernel", ["pallas", "pallas-tpu"])
+@pytest.mark.parametrize("kernel", ["pallas", "pallas-fused", "pallas-tpu"])
 def test_pallas_matches_chunked_in_float32(kernel):
     *inputs, state = make_inputs(0)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, H, D)), jnp.float32)
@@ -84,13 +93,11 @@ def test_pallas_matches_chunked_in_float32(kernel):
         assert relative_error(grad, expected) < 1e-5, name
 
 
-@pytest.mark.parametrize("kernel", ["pallas", "pallas-tpu"])
+@pytest.mark.parametrize("kernel", ["pallas", "pallas-fused", "pallas-tpu"])
 def test_pallas_bf16_operands_stay_within_bf16_error(kernel):
     """bf16 q/k/v and bf16 matmul operands against the float32 op on the same (rounded) inputs."""
     q, k, v, g, beta, state = make_inputs(2, jnp.bfloat16)
-    rule = tpu_rule if kernel == "pallas-tpu" else functools.partial(
-        gated_delta_rule, method="pallas", normalize_qk=True)
-    o, final = jax.jit(rule)(q, k, v, g, beta, initial_state=state, segment_ids=segment_ids())
+    o, final = jax.jit(rule_for(kernel))(q, k, v, g, beta, initial_state=state, segment_ids=segment_ids())
     assert o.dtype == jnp.bfloat16
     expected_o, expected_final = jax.jit(functools.partial(gated_delta_rule, normalize_qk=True))(
         *(x.astype(jnp.float32) for x in (q, k, v)), g, beta, initial_state=state, segment_ids=segment_ids())

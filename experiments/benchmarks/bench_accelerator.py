@@ -1,13 +1,14 @@
 """Ours beside the PyTorch peer on one accelerator: the gated delta rule, the 0.8B train step, decode.
 
     python experiments/benchmarks/bench_accelerator.py [--parts kernel,train,decode] [--out experiments/results]
-        [--quick] [--remat dots_no_batch] [--budget 540] [--merge]
+        [--quick] [--remat dots_no_batch] [--budget 540] [--merge] [--fused-terms] [--reuse-peer JSON]
         [--train-preset qwen3.5-4b --batches 1,2 --param-dtype float32 --opt-state-dtype bfloat16]
 
 Parts, each ours and the peer (`peer_torch.py <kernel|train|gen>` from QWEN_JAX_PEER_DIR, on a GPU only):
   kernel  gated_delta_rule fwd and fwd+bwd at the fla shapes, method "chunked" (pure JAX) and "pallas"
-          (on a GPU; elsewhere only with --quick, interpreted); each with its relative error against
-          the chunked op on the same inputs in float32.
+          (on a GPU; elsewhere only with --quick, interpreted), with --fused-terms also "pallas_fused"
+          (the fused chunk-terms kernel); each with its relative error against the chunked op on the
+          same inputs in float32.
   train   the qwen3.5-0.8b train step (bf16 compute, fp32 params, --remat) at seq 4096, batch 2, 4, 8
           until the first OOM; tokens/s, MFU against the datasheet peak and a measured 798 TFLOP/s;
           then the largest batch once more, in a child that traces 2 steps (XLA's command buffers off
@@ -17,9 +18,10 @@ Parts, each ours and the peer (`peer_torch.py <kernel|train|gen>` from QWEN_JAX_
 --quick: tiny shapes and the tiny preset, no peer (a smoke test, e.g. on CPU). Every measurement of
 ours runs in a child process (`--side PART --case JSON`), so that memory and a crash are its own.
 Each part gets its share of --budget seconds (unused time passes on); what is past it is skipped.
-One H100 call (10 minutes) does not hold all three: the peer's kernel part alone took over 115 s
-(fla's Triton autotuning) and the three train batches ~200 s. Run `--parts kernel` in one call and
-`--parts train,decode --merge` in another.
+One H100 call (10 minutes) does not hold all three: the peer's kernel part alone took about 260 s
+(fla's Triton autotuning) and the train part with the peer's over 400 s. Run `--parts kernel` in one
+call, then `--parts kernel,train --reuse-peer` (the first call's report) and `--parts decode --merge`
+in others: --reuse-peer takes each part's peer lines from an earlier report, which the report says.
 Writes accelerator_<gpu|cpu>.json (raw timings, the peer's lines) and .md after every case; --merge
 keeps the parts of an earlier file that this run does not redo.
 """
@@ -56,6 +58,7 @@ from common import REPO, git_commit, guarded, run_peer, write_report  # noqa: E4
 from qwen_jax import Qwen35ForCausalLM, generate, preset  # noqa: E402
 from qwen_jax.config import DTYPES, REMAT_POLICIES  # noqa: E402
 from qwen_jax.ops.delta_rule import gated_delta_rule  # noqa: E402
+from qwen_jax.ops.pallas.gated_delta_rule import pallas_gated_delta_rule  # noqa: E402
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token  # noqa: E402
 
 PARTS = ("kernel", "train", "decode")
@@ -114,6 +117,8 @@ def delta_rule_fns(method):
     """method -> jitted (forward -> o, fwd+bwd -> grads of sum(o * do) wrt q, k, v, g, beta)."""
 
     def forward(q, k, v, g, beta):
+        if method == "pallas_fused":  # the Pallas path with the fused chunk-terms kernel, whatever the default
+            return pallas_gated_delta_rule(q, k, v, g, beta, fused_terms=True)[0]
         return gated_delta_rule(q, k, v, g, beta, method=method)[0]
 
     def loss(q, k, v, g, beta, do):
@@ -248,8 +253,8 @@ def bench_kernel(record, setup, deadline, peer_dir, save):
     # Off a GPU the Pallas kernel runs in interpret mode: a check of its numbers at --quick's tiny
     # shape, hopeless at the full ones.
     pallas = jax.default_backend() == "gpu" or record["run"]["quick"]
-    record["methods"] = ["chunked", "pallas"] if pallas else ["chunked"]
-    record["peer"] = peer("kernel", peer_dir, deadline)
+    record["methods"] = ["chunked", "pallas"] + (["pallas_fused"] if setup["fused_terms"] else []) if pallas else ["chunked"]
+    record["peer"] = record["peer"] or peer("kernel", peer_dir, deadline)
     save()
     for shape in setup["shapes"]:
         case = {"shape": shape, "methods": record["methods"], "warmup": setup["warmup"], "steps": setup["steps"]}
@@ -274,7 +279,7 @@ def bench_train(record, setup, deadline, peer_dir, save):
     config = preset(setup["preset"], **record["model"]["overrides"])
     flops_per_token = train_flops_per_token(config, setup["seq"])
     record.update(flops_per_token=flops_per_token, peak_flops=peak_flops(), measured_peak_flops=MEASURED_PEAK)
-    record["peer"] = peer("train", peer_dir, deadline)
+    record["peer"] = record["peer"] or peer("train", peer_dir, deadline)
     for line in (record["peer"] or {}).get("lines", []):
         if "tok_s" in line:  # the peer's model is the 0.8B shape at seq 4096 too: the same F applies
             line.update(utilisation(line["tok_s"], flops_per_token))
@@ -323,7 +328,7 @@ def profile_train(case, timeout_s):
 
 def bench_decode(record, setup, deadline, peer_dir, save):
     """One child: generate() at the peer's batch, prompt and length, sampling at temperature 1."""
-    record["peer"] = peer("decode", peer_dir, deadline)
+    record["peer"] = record["peer"] or peer("decode", peer_dir, deadline)
     save()
     case = {**record["model"], **{k: setup[k] for k in ("batch", "prompt", "new", "warmup", "steps")},
             "temperature": 1.0}
@@ -411,8 +416,11 @@ def peer_block(record):
     """The peer's raw lines and exit status, as they came."""
     if record.get("peer") is None:
         return ["", "No peer in this part (needs a GPU, QWEN_JAX_PEER_DIR, and no --quick)."]
-    status = {k: v for k, v in record["peer"].items() if k != "lines"}
-    return (["", "Peer lines (`peer_torch.py`, own process, same job):", "", "```"]
+    status = {k: v for k, v in record["peer"].items() if k not in ("lines", "reused_from")}
+    source = "own process, same job"
+    if earlier := record["peer"].get("reused_from"):
+        source = f"own process, an earlier job on a {earlier['device']} of {earlier['date']} (--reuse-peer)"
+    return (["", f"Peer lines (`peer_torch.py`, {source}):", "", "```"]
             + [json.dumps(line) for line in record["peer"].get("lines", [])] + [json.dumps(status), "```"])
 
 
@@ -575,6 +583,10 @@ def main():
     parser.add_argument("--budget", type=float, default=540, metavar="S",
                         help="seconds for all parts, shared kernel:train:decode = 3:5:2 among those run")
     parser.add_argument("--merge", action="store_true", help="keep the other parts of an existing report")
+    parser.add_argument("--fused-terms", action="store_true",
+                        help="the kernel part also times method pallas_fused (the fused chunk-terms kernel)")
+    parser.add_argument("--reuse-peer", metavar="JSON", help="take the peer's lines from this earlier report "
+                        "(same kind of machine) instead of running the peer again; the report says so")
     parser.add_argument("--side", choices=PARTS, help="internal: run ours for one part on --case")
     parser.add_argument("--case", help="internal: the case as JSON")
     args = parser.parse_args()
@@ -592,6 +604,8 @@ def main():
     path = out / f"accelerator_{slug}.json"
     data = json.loads(path.read_text()) if args.merge and path.exists() else {"parts": {}}
     setups = dict(SETUPS["quick" if args.quick else "full"])
+    setups["kernel"] = {**setups["kernel"], "fused_terms": args.fused_terms}
+    reused = json.loads(Path(args.reuse_peer).read_text())["parts"] if args.reuse_peer else {}
     setups["train"] = {**setups["train"], **({"preset": args.train_preset} if args.train_preset else {}),
                        **({"batches": tuple(map(int, args.batches.split(",")))} if args.batches else {})}
     models = {"train": {"preset": setups["train"]["preset"],
@@ -612,6 +626,8 @@ def main():
         budget_s = args.budget * BUDGET_SHARE[part] / sum(BUDGET_SHARE[p] for p in parts)
         deadline += budget_s
         record = {"run": stamp(args, budget_s), "complete": False, "cases": [], "peer": None}
+        if (earlier := reused.get(part, {})).get("peer"):
+            record["peer"] = {**earlier["peer"], "reused_from": {k: earlier["run"][k] for k in ("date", "device")}}
         if part in models:
             record["model"] = models[part]
         data["parts"][part] = record
