@@ -149,6 +149,7 @@ def cmd_generate(args, overrides) -> None:
 
     from qwen_jax.data.chat import user_turns
     from qwen_jax.generate.engine import generate
+    from qwen_jax.generate.image_prompts import image_processor_for, image_prompt_ids, load_images, pixel_inputs
     from qwen_jax.generate.loading import load_for_generation
 
     prompts = [args.prompt] if args.prompt is not None else []
@@ -163,10 +164,15 @@ def cmd_generate(args, overrides) -> None:
     if not isinstance(chat_kwargs, dict):
         raise SystemExit(f"error: --chat-kwargs={args.chat_kwargs!r} is not a JSON object")
     model, tokenizer, stop_ids = load_for_generation(args.model)
-    texts = user_turns(args.model, prompts, **chat_kwargs) if args.chat else prompts
-    out = generate(model, [tokenizer.encode(text).ids for text in texts], max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seeds=[args.seed + i for i in range(len(prompts))], stop_ids=stop_ids)
+    images = load_images(args.images, image_processor_for(args.model)) if args.images else []
+    texts = user_turns(args.model, prompts, images=len(images), **chat_kwargs) if args.chat else prompts
+    if images:
+        ids = image_prompt_ids(tokenizer, model.config, texts, images, chat=args.chat)
+        pixels = pixel_inputs(images, len(prompts))
+    else:
+        ids, pixels = [tokenizer.encode(text).ids for text in texts], {}
+    out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seeds=[args.seed + i for i in range(len(prompts))], stop_ids=stop_ids, **pixels)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
@@ -206,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="each prompt as a user turn of the model's chat template")
     gen.add_argument("--chat-kwargs", dest="chat_kwargs", default="{}",
                      help='JSON for the chat template, e.g. {"enable_thinking": false}')
+    gen.add_argument("--image", dest="images", action="append", default=[], metavar="FILE",
+                     help="an image every prompt sees before its text (repeat for more); needs a vision tower")
     gen.set_defaults(run=cmd_generate)
 
     info = commands.add_parser("info", help="print a preset's or config's model and parameter count")

@@ -8,7 +8,8 @@ Parts, each ours and the peer (`peer_torch.py <kernel|train|gen>` from QWEN_JAX_
   kernel  gated_delta_rule fwd and fwd+bwd at the fla shapes, method "chunked" (pure JAX) and "pallas"
           (on a GPU; elsewhere only with --quick, interpreted), with --fused-terms also "pallas_fused"
           (the fused chunk-terms kernel); each with its relative error against the chunked op on the
-          same inputs in float32.
+          same inputs in float32; then the default Pallas path's halves alone: its chunk terms, and the
+          recurrence kernel on them (where the time goes).
   train   the qwen3.5-0.8b train step (bf16 compute, fp32 params, --remat) at seq 4096, batch 2, 4, 8
           until the first OOM; tokens/s, MFU against the datasheet peak and a measured 798 TFLOP/s;
           then the largest batch once more, in a child that traces 2 steps (XLA's command buffers off
@@ -58,7 +59,8 @@ from common import REPO, git_commit, guarded, run_peer, write_report  # noqa: E4
 from qwen_jax import Qwen35ForCausalLM, generate, preset  # noqa: E402
 from qwen_jax.config import DTYPES, REMAT_POLICIES  # noqa: E402
 from qwen_jax.ops.delta_rule import gated_delta_rule  # noqa: E402
-from qwen_jax.ops.pallas.gated_delta_rule import pallas_gated_delta_rule  # noqa: E402
+from qwen_jax.ops.pallas.gated_delta_rule import (FUSED_TERMS, kernel_platform, pallas_chunk_terms,  # noqa: E402
+                                                  pallas_gated_delta_rule, pallas_rule_from_terms)
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token  # noqa: E402
 
 PARTS = ("kernel", "train", "decode")
@@ -66,6 +68,7 @@ PEER_PART = {"kernel": "kernel", "train": "train", "decode": "gen"}
 BUDGET_SHARE = {"kernel": 3, "train": 5, "decode": 2}  # of --budget; the train part compiles 3 times
 MEASURED_PEAK = 798e12  # a large bf16 matmul on the H100 our benchmarks use (perf-anchors section 1)
 GRAD_NAMES = ("q", "k", "v", "g", "beta")
+CHUNK = 64  # gated_delta_rule's default chunk_size
 SETUPS = {
     "full": {
         # The shapes `peer_torch.py kernel` times, so that its lines pair with ours.
@@ -149,6 +152,33 @@ def run_kernel(case):
             if "error" not in result[mode]:
                 result[mode]["rel_err"] = errors(call(), reference[mode])
         yield result
+    if "pallas" in case["methods"]:
+        yield from pallas_parts(inputs, case)
+
+
+def pallas_parts(inputs, case):
+    """The default Pallas path's two halves timed alone: its chunk-local terms, and the recurrence kernel on them."""
+    q, k, v, g, beta = inputs
+    state0 = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+
+    def terms(*xs):
+        return pallas_chunk_terms(*xs, None, CHUNK)
+
+    def recurrence(chunk_terms):
+        return pallas_rule_from_terms(chunk_terms, state0, operand=q.dtype)[0]
+
+    def summed(fn):  # a scalar of every output, for a backward through all of them
+        return lambda *xs: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*xs)))
+
+    made = terms(*inputs)  # eagerly: the timed forward below still pays its own compile once
+    parts = {"terms (fused kernel)" if FUSED_TERMS[kernel_platform()] else "terms (XLA)": (terms, inputs),
+             "recurrence kernel": (recurrence, (made,))}
+    for name, (fn, args) in parts.items():
+        forward, backward = jax.jit(fn), jax.jit(jax.grad(summed(fn), argnums=range(len(args))))
+        yield {"method": f"pallas: {name}", "part": True,
+               **{mode: guarded(f"{name} {mode}", lambda call=call: timing(lambda: call(*args), case["warmup"],
+                                                                          case["steps"]))
+                  for mode, call in (("fwd", forward), ("fwd+bwd", backward))}}
 
 
 def errors(out, reference):
@@ -437,11 +467,13 @@ def kernel_rows(case, fla):
             if "median_ms" not in r:
                 rows.append(f"| {label} | {mode} | ours {result['method']} | {error_text(r)[:120]} | | | | |")
                 continue
-            errors = r["rel_err"] if isinstance(r["rel_err"], dict) else {"o": r["rel_err"]}
-            worst = max(errors, key=errors.get)
+            error, versus = "-", "-"  # a part of the Pallas path: no output of the rule to compare
+            if not result.get("part"):
+                errors = r["rel_err"] if isinstance(r["rel_err"], dict) else {"o": r["rel_err"]}
+                worst = max(errors, key=errors.get)
+                error, versus = f"{errors[worst]:.1e} ({worst})", ratio(peer_line.get(peer_key), r["median_ms"])
             rows.append(f"| {label} | {mode} | ours {result['method']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-                        f"{r['first_step_s']:.1f} | {ratio(peer_line.get(peer_key), r['median_ms'])} | "
-                        f"{errors[worst]:.1e} ({worst}) |")
+                        f"{r['first_step_s']:.1f} | {versus} | {error} |")
         if peer_line:
             rows.append(f"| {label} | {mode} | fla | {peer_line[peer_key]:.2f} | | | | |")
     ended = [r for r in case.get("results", []) if "method" not in r]  # e.g. an OOM outside one method's guard

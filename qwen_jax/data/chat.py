@@ -127,11 +127,15 @@ def load_chat_template(where: Path, asked_by: str) -> tuple[str, dict[str, str]]
     return found
 
 
-def user_turns(model_dir: str | Path, prompts: list[str], **kwargs) -> list[str]:
+def user_turns(model_dir: str | Path, prompts: list[str], *, images: int = 0, **kwargs) -> list[str]:
     """Each prompt as the one user turn of the chat template beside a model's tokenizer, up to the
-    generation prompt (what `qwen-jax generate --chat` encodes)."""
+    generation prompt (what `qwen-jax generate --chat` encodes); with `images` image parts before its text."""
     from qwen_jax.interop.init_from import tokenizer_dir
 
     template, special_tokens = load_chat_template(tokenizer_dir(model_dir), "--chat")
-    return [render_chat(template, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+
+    def content(prompt):
+        return [{"type": "image"}] * images + [{"type": "text", "text": prompt}] if images else prompt
+
+    return [render_chat(template, [{"role": "user", "content": content(prompt)}], add_generation_prompt=True,
                         special_tokens=special_tokens, **kwargs) for prompt in prompts]

@@ -132,31 +132,7 @@ class TokenizeMediaConversation:
 
     def __call__(self, item: MediaConversation) -> TokenizedDocument:
         text, turn_spans = self._renderer(item.conversation)
-        blocks = list(VISION_PLACEHOLDER.finditer(text))
-        written = ["video" if block.group(1) == "<|video_pad|>" else "image" for block in blocks]
-        held = ["image" if isinstance(medium, ProcessedImage) else "video" for medium in item.media]
-        if written != held:
-            raise Skip("template_error", f"the chat template wrote placeholders for {written}, the "
-                                         f"conversation holds {held}")
-        ids, starts = [], []  # per piece: token ids and the characters they start at
-        spans = {"image": [], "video": []}  # each medium's block [start, end) in the ids
-        at = length = 0
-        for block, medium, kind in zip([*blocks, None], [*item.media, None], [*held, None]):
-            end = block.start() if block else len(text)
-            if end > at:
-                piece = self._encode(text[at:end])
-                ids.append(np.asarray(piece.ids, np.int32))
-                starts.append(token_starts(piece) + at)
-                length += len(piece.ids)
-            if block is None:
-                break
-            block_ids = visual_ids(self._tokenizer, medium, self._config, "a conversation")
-            ids.append(block_ids)
-            starts.append(np.full(len(block_ids), block.start(), np.int64))
-            spans[kind].append((length, length + len(block_ids)))
-            length += len(block_ids)
-            at = block.end()
-        ids, starts = np.concatenate(ids), np.concatenate(starts)
+        ids, starts, spans = expand_placeholders(text, item.media, self._tokenizer, self._config)
         if len(ids) > self._budget.seq_len:
             raise Skip(TOO_LONG, f"{len(ids)} tokens, more than train.seq_len {self._budget.seq_len}")
         pixels = np.zeros(len(ids), bool)  # image and video blocks: given, never learned
@@ -174,15 +150,47 @@ class TokenizeMediaConversation:
             raise Skip(problem, "does not fit a row")
         return document
 
-    def _encode(self, text: str):
-        try:
-            encoding = self._tokenizer.encode(text, add_special_tokens=False)
-        except Exception:  # the tokenizer's error types are undocumented; any one record may fail
-            raise Skip("encode_error", "the tokenizer failed on it") from None
-        # A placeholder token outside a whole placeholder would be one more image token than the grids cover.
-        if np.isin(encoding.ids, placeholder_ids(self._config)).any():
-            raise Skip("vision_token_in_text", "the text holds a vision placeholder token")
-        return encoding
+
+def expand_placeholders(text: str, media: Sequence, tokenizer: Tokenizer, config: ModelConfig):
+    """A rendered chat text with one vision placeholder per medium -> (ids [L] int32, the character each
+    token starts at [L], {"image": [(start, end)], "video": [...]} each medium's block in the ids); raise
+    Skip where the placeholders and the media differ or the text cannot be encoded."""
+    blocks = list(VISION_PLACEHOLDER.finditer(text))
+    written = ["video" if block.group(1) == "<|video_pad|>" else "image" for block in blocks]
+    held = ["image" if isinstance(medium, ProcessedImage) else "video" for medium in media]
+    if written != held:
+        raise Skip("template_error", f"the chat template wrote placeholders for {written}, the "
+                                     f"conversation holds {held}")
+    ids, starts = [], []  # per piece: token ids and the characters they start at
+    spans = {"image": [], "video": []}
+    at = length = 0
+    for block, medium, kind in zip([*blocks, None], [*media, None], [*held, None]):
+        end = block.start() if block else len(text)
+        if end > at:
+            piece = _encode(tokenizer, config, text[at:end])
+            ids.append(np.asarray(piece.ids, np.int32))
+            starts.append(token_starts(piece) + at)
+            length += len(piece.ids)
+        if block is None:
+            break
+        block_ids = visual_ids(tokenizer, medium, config, "a conversation")
+        ids.append(block_ids)
+        starts.append(np.full(len(block_ids), block.start(), np.int64))
+        spans[kind].append((length, length + len(block_ids)))
+        length += len(block_ids)
+        at = block.end()
+    return np.concatenate(ids), np.concatenate(starts), spans
+
+
+def _encode(tokenizer: Tokenizer, config: ModelConfig, text: str):
+    try:
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+    except Exception:  # the tokenizer's error types are undocumented; any one record may fail
+        raise Skip("encode_error", "the tokenizer failed on it") from None
+    # A placeholder token outside a whole placeholder would be one more image token than the grids cover.
+    if np.isin(encoding.ids, placeholder_ids(config)).any():
+        raise Skip("vision_token_in_text", "the text holds a vision placeholder token")
+    return encoding
 
 
 class TokenizeMediaChatRecord:
