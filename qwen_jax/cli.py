@@ -149,7 +149,7 @@ def cmd_generate(args, overrides) -> None:
 
     from qwen_jax.data.chat import user_turns
     from qwen_jax.generate.engine import generate
-    from qwen_jax.generate.image_prompts import image_processor_for, image_prompt_ids, load_images, pixel_inputs
+    from qwen_jax.generate.media_prompts import load_media, media_processors_for, media_prompt_ids, pixel_inputs
     from qwen_jax.generate.loading import load_for_generation
 
     prompts = [args.prompt] if args.prompt is not None else []
@@ -164,11 +164,14 @@ def cmd_generate(args, overrides) -> None:
     if not isinstance(chat_kwargs, dict):
         raise SystemExit(f"error: --chat-kwargs={args.chat_kwargs!r} is not a JSON object")
     model, tokenizer, stop_ids = load_for_generation(args.model)
-    images = load_images(args.images, image_processor_for(args.model)) if args.images else []
-    texts = user_turns(args.model, prompts, images=len(images), **chat_kwargs) if args.chat else prompts
-    if images:
-        ids = image_prompt_ids(tokenizer, model.config, texts, images, chat=args.chat)
-        pixels = pixel_inputs(images, len(prompts))
+    media = []
+    if args.images or args.videos:
+        media = load_media(args.images, args.videos, media_processors_for(args.model))
+    kinds = ["image"] * len(args.images) + ["video"] * len(args.videos)
+    texts = user_turns(args.model, prompts, media=kinds, **chat_kwargs) if args.chat else prompts
+    if media:
+        ids = media_prompt_ids(tokenizer, model.config, texts, media, chat=args.chat)
+        pixels = pixel_inputs(media, len(prompts))
     else:
         ids, pixels = [tokenizer.encode(text).ids for text in texts], {}
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help='JSON for the chat template, e.g. {"enable_thinking": false}')
     gen.add_argument("--image", dest="images", action="append", default=[], metavar="FILE",
                      help="an image every prompt sees before its text (repeat for more); needs a vision tower")
+    gen.add_argument("--video", dest="videos", action="append", default=[], metavar="FILE",
+                     help="a video file or folder of frames every prompt sees after the images (repeatable)")
     gen.set_defaults(run=cmd_generate)
 
     info = commands.add_parser("info", help="print a preset's or config's model and parameter count")

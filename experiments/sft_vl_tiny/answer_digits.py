@@ -14,20 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_jax.data import VideoProcessorConfig
 from qwen_jax.data.chat import load_chat_template, render_chat
 from qwen_jax.data.mm_chat import media_chat_records
 from qwen_jax.data.mm_streaming import media_held_out
 from qwen_jax.generate.engine import generate
-from qwen_jax.generate.image_prompts import image_processor_for, image_prompt_ids
+from qwen_jax.generate.media_prompts import media_processors_for, media_prompt_ids
 from qwen_jax.generate.loading import load_for_generation
 
 
 def main(workdir: Path) -> None:
     model, tokenizer, stop_ids = load_for_generation(workdir)
-    images = image_processor_for(workdir)  # the run's own image preprocessing
     template, special_tokens = load_chat_template(workdir, "answer_digits.py")
-    records = media_chat_records(["digits_chat"], images, VideoProcessorConfig(min_pixels=images.min_pixels))
+    records = media_chat_records(["digits_chat"], *media_processors_for(workdir))  # the run's own preprocessing
     prompts, pixels, grids, labels = [], [], [], []
     for index in range(len(records)):
         where, record, _ = records[index]
@@ -35,7 +33,7 @@ def main(workdir: Path) -> None:
             continue
         question, answer = record.conversation["messages"][:2]
         text = render_chat(template, [question], add_generation_prompt=True, special_tokens=special_tokens)
-        prompts += image_prompt_ids(tokenizer, model.config, [text], list(record.media), chat=True)
+        prompts += media_prompt_ids(tokenizer, model.config, [text], list(record.media), chat=True)
         pixels.append(record.media[0].pixel_values)
         grids.append(record.media[0].grid_thw)
         labels.append(re.search(r"\d", answer["content"]).group())

@@ -127,15 +127,16 @@ def load_chat_template(where: Path, asked_by: str) -> tuple[str, dict[str, str]]
     return found
 
 
-def user_turns(model_dir: str | Path, prompts: list[str], *, images: int = 0, **kwargs) -> list[str]:
+def user_turns(model_dir: str | Path, prompts: list[str], *, media: list[str] = (), **kwargs) -> list[str]:
     """Each prompt as the one user turn of the chat template beside a model's tokenizer, up to the
-    generation prompt (what `qwen-jax generate --chat` encodes); with `images` image parts before its text."""
+    generation prompt (what `qwen-jax generate --chat` encodes); `media` ("image" / "video" each) are
+    parts of that kind before its text."""
     from qwen_jax.interop.init_from import tokenizer_dir
 
     template, special_tokens = load_chat_template(tokenizer_dir(model_dir), "--chat")
 
     def content(prompt):
-        return [{"type": "image"}] * images + [{"type": "text", "text": prompt}] if images else prompt
+        return [{"type": kind} for kind in media] + [{"type": "text", "text": prompt}] if media else prompt
 
     return [render_chat(template, [{"role": "user", "content": content(prompt)}], add_generation_prompt=True,
                         special_tokens=special_tokens, **kwargs) for prompt in prompts]

@@ -196,10 +196,10 @@ def _vision_setup(data, model_cfg: ModelConfig, tokenizer) -> tuple[ModelConfig,
     if model_cfg.vision is None:
         raise ConfigError("data.kind 'image_text' needs a vision tower: set model.vision "
                           "(e.g. 'tiny')")
-    return model_cfg.replace(**add_vision_tokens(tokenizer)), *_processors(data)
+    return model_cfg.replace(**add_vision_tokens(tokenizer)), *media_processors(data)
 
 
-def _processors(data) -> tuple[ImageProcessorConfig, VideoProcessorConfig]:
+def media_processors(data) -> tuple[ImageProcessorConfig, VideoProcessorConfig]:
     """config.data's image and video preprocessing."""
     return (ImageProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.max_pixels),
             VideoProcessorConfig(min_pixels=data.min_pixels, max_pixels=data.video_max_pixels,
@@ -246,7 +246,7 @@ def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainC
     vision tower. The template the run trains with is kept as WORKDIR/chat_template.jinja, so
     `generate --chat` and a later RL run of a checkpoint use it too."""
     vision = model_cfg.vision is not None
-    records = media_chat_records(data.chat_sources, *_processors(data)) if vision else chat_records(data.chat_sources)
+    records = media_chat_records(data.chat_sources, *media_processors(data)) if vision else chat_records(data.chat_sources)
     renderer = chat_renderer(data.chat_template, tokenizer_dir(config.get("init_from")),
                              dict(data.chat_template_kwargs))
     texts = media_chat_texts if vision else rendered_texts
