@@ -408,6 +408,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     z_loss: float = 0.0
+    dpo_beta: float = 0.1  # data.kind "preference": DPO's beta, how far the policy may move from the reference
     moe_aux_loss: float | None = None  # None: the model's router_aux_loss_coef (HF's 0.001)
     ce_chunk: int = 2048
     opt_state_dtype: str = "float32"  # AdamW's moments between steps ("bfloat16": half their bytes)
@@ -441,5 +442,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "z_loss", "moe_aux_loss"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.dpo_beta > 0:
+            raise ConfigError(f"train.dpo_beta must be > 0, got {self.dpo_beta}")
         if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
             raise ConfigError(f"train.b1 and train.b2 must be in [0, 1), got {self.b1}, {self.b2}")

@@ -67,21 +67,29 @@ class ConversationRows:
         self._tokens = np.full((rows, seq_len), pad, np.int32)
         self._trained = np.zeros((rows, seq_len), bool)
         self._segments = np.zeros((rows, seq_len), np.int32)
-        self._filled = np.zeros(rows, np.int64)
+        self.filled = np.zeros(rows, np.int64)
         self._pad, self.empty = pad, True
 
     def add(self, ids: np.ndarray, trained: np.ndarray) -> bool:
         """Place one conversation; False where no row has room for it."""
-        room = np.flatnonzero(self._tokens.shape[1] - self._filled >= len(ids))
+        room = np.flatnonzero(self._tokens.shape[1] - self.filled >= len(ids))
         if not len(room):
             return False
-        row, start = room[0], self._filled[room[0]]
+        self.place(room[0], ids, trained)
+        return True
+
+    def room(self, row: int) -> int:
+        """Tokens still free in `row`."""
+        return self._tokens.shape[1] - self.filled[row]
+
+    def place(self, row: int, ids: np.ndarray, trained: np.ndarray) -> None:
+        """Append one conversation to `row` (which has room) as its next segment."""
+        start = self.filled[row]
         self._tokens[row, start:start + len(ids)] = ids
         self._trained[row, start:start + len(ids)] = trained
         self._segments[row, start:start + len(ids)] = self._segments[row].max() + 1
-        self._filled[row] += len(ids)
+        self.filled[row] += len(ids)
         self.empty = False
-        return True
 
     def batch(self) -> Batch:
         """The `ROW_KEYS` fields; the loss at t (predicting token t + 1) counts where that token is trained."""
@@ -119,7 +127,9 @@ class ChatStream:
     Resume with `get_state()` / `set_state()`."""
 
     def __init__(self, records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, global_batch_size: int,
-                 seed: int | None, strict: bool = False, process_index: int = 0, process_count: int = 1):
+                 seed: int | None, strict: bool = False, process_index: int = 0, process_count: int = 1,
+                 rows=ConversationRows):
+        self._rows = rows  # (rows, seq_len, pad) -> what packs tokenize's items (data/preferences.py: pairs)
         self._conversations = host_records(records, "chat_sources", seed, process_index, process_count).map(
             TokenizeChatRecord(tokenize, strict))
         self._records_per_epoch = -(-len(records) // process_count)
@@ -144,7 +154,7 @@ class ChatStream:
             self._reader = DocumentReader(
                 self._conversations, self._record, self.skipped, give_up_after=self._records_per_epoch + 1,
                 nothing_found="data.chat_sources: a whole epoch of records holds no usable train conversation")
-        rows = ConversationRows(self._per_host, self._seq_len, self._pad)
+        rows = self._rows(self._per_host, self._seq_len, self._pad)
         while True:
             if self._pending is None:
                 self._record, self._pending = self._reader.next()
@@ -158,24 +168,24 @@ class ChatStream:
 
 def chat_eval_batches(records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, batch_size: int,
                       max_batches: int, strict: bool = False, process_index: int = 0,
-                      process_count: int = 1) -> list[Batch]:
-    """Fixed batches of the held-out conversations in corpus order, packed as the train ones; host p
-    takes the p-th block of rows of each."""
-    per_host, seq_len = per_host_batch_size(batch_size, process_count), tokenize.seq_len
-    batches, rows = [], ConversationRows(batch_size, seq_len, pad)
+                      process_count: int = 1, rows=ConversationRows) -> list[Batch]:
+    """Fixed batches of the held-out conversations in corpus order, packed as the train ones (`rows`, as
+    ChatStream's); host p takes the p-th block of rows of each."""
+    per_host, seq_len, make_rows = per_host_batch_size(batch_size, process_count), tokenize.seq_len, rows
+    batches, rows = [], make_rows(batch_size, seq_len, pad)
     for where, conversation in conversations_of(records, held_out=True, strict=strict):
         try:
-            ids, trained = tokenize(conversation)
+            item = tokenize(conversation)
         except Skip as skip:  # counted where the train stream meets it; eval leaves it out
             if strict:
                 raise skip.at(where) from None
             continue
-        if not rows.add(ids, trained):
+        if not rows.add(*item):
             batches.append(rows.batch())
             if len(batches) == max_batches:
                 break
-            rows = ConversationRows(batch_size, seq_len, pad)
-            rows.add(ids, trained)
+            rows = make_rows(batch_size, seq_len, pad)
+            rows.add(*item)
     else:
         if not rows.empty:
             batches.append(rows.batch())

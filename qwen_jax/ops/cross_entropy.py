@@ -101,3 +101,23 @@ def _strided_loss_backward(z_loss_weight, compute_dtype, residuals, cotangents):
 
 
 _strided_loss.defvjp(_strided_loss_forward, _strided_loss_backward)
+
+
+def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, chunk_size: int = 2048,
+                   compute_dtype=jnp.float32) -> jax.Array:
+    """hidden [B, T, H], head_weight [H, V], targets [B, T] -> log p(target) [B, T] float32, without a
+    gradient, chunked as the loss is (no [B, T, V] logits at once)."""
+    batch, length, _ = hidden.shape
+    chunks = _chunk_count(batch, length, chunk_size)
+    weight = jax.lax.stop_gradient(head_weight).astype(compute_dtype)
+
+    def strided(x):  # [B, T, ...] -> [chunks, B, T / chunks, ...], as chunked_cross_entropy's
+        return jnp.moveaxis(x.reshape(batch, length // chunks, chunks, *x.shape[2:]), 2, 0)
+
+    def chunk_logprobs(chunk):
+        h, t = chunk
+        logits = jnp.dot(h.astype(compute_dtype), weight, preferred_element_type=jnp.float32)
+        return jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    per_chunk = jax.lax.map(chunk_logprobs, (strided(jax.lax.stop_gradient(hidden)), strided(targets)))
+    return jnp.moveaxis(per_chunk, 0, 2).reshape(batch, length)  # back to [B, T / chunks, chunks] order

@@ -38,6 +38,7 @@ from qwen_jax.data.mm_chat import (TokenizeMediaChatRecord, TokenizeMediaConvers
                                     media_chat_records, media_chat_texts)
 from qwen_jax.data.mm_pipeline import row_budget
 from qwen_jax.data.mm_streaming import MMStream, built_in_media, media_records, mm_stream_eval_batches
+from qwen_jax.data.preferences import PairRows, TokenizePreference, preference_records
 from qwen_jax.data.streaming import (TOKENIZER_SAMPLE_CHARS, TextStream, stream_eval_batches, text_records,
                                      texts_of)
 from qwen_jax.data.text_sources import TEXT_FILE_SUFFIXES, load_text_file
@@ -45,7 +46,7 @@ from qwen_jax.data.tokenizer import pad_id, write_text_atomically
 from qwen_jax.experiment import default_data_config
 from qwen_jax.interop.init_from import tokenizer_dir, tokenizer_file
 
-DATA_KINDS = ("text", "image_text", "chat")
+DATA_KINDS = ("text", "image_text", "chat", "preference")
 STREAMS = (TextStream, MMStream, ChatStream)
 EVAL_IMAGE_SHARE = 0.05  # of the image and of the video records, held out like the text documents
 
@@ -61,6 +62,7 @@ class RunData:
     skipped: dict[str, int]
     images: bool = False
     videos: bool = False
+    pairs: bool = False  # rows 2i, 2i + 1: a preference pair's chosen and rejected sides (DPO)
 
     def skipped_now(self) -> dict[str, int]:
         """Bad records by reason: those met while loading, and those a stream has read since."""
@@ -138,6 +140,8 @@ def build_run_data(config: ml_collections.ConfigDict, workdir: Path, model_cfg: 
     hosts = dict(process_index=process_index, process_count=process_count)
     if data.kind == "chat":
         return _chat(config, data, workdir, model_cfg, train_cfg, hosts)
+    if data.kind == "preference":
+        return _preference(config, data, workdir, model_cfg, train_cfg, hosts)
     if data.streaming:
         return _streamed(config, data, workdir, model_cfg, train_cfg, hosts)
     documents, skipped_files = load_text_documents(data.text_sources, data.strict)
@@ -257,9 +261,7 @@ def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainC
         source=tokenizer_file(config.get("init_from")))
     tokenize = TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len, loss_on=data.chat_loss)
     tokenize.check()  # before the run keeps the template: a refused one must not stay in the workdir
-    kept = workdir / "chat_template.jinja"
-    if not kept.exists() and jax.process_index() == 0:
-        write_text_atomically(kept, renderer.template)
+    _keep_template(workdir, renderer)
     if vision:
         return _media_chat(data, records, renderer, tokenizer, model_cfg, train_cfg, config.seed, hosts)
     rows = dict(pad=pad_id(tokenizer), strict=data.strict, **hosts)
@@ -267,6 +269,41 @@ def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainC
     eval_batches = chat_eval_batches(records, tokenize, batch_size=train_cfg.batch_size,
                                      max_batches=train_cfg.eval_batches, **rows)
     return RunData(model_cfg, iterator, eval_batches, {})
+
+
+def _keep_template(workdir: Path, renderer) -> None:
+    """WORKDIR/chat_template.jinja: the (checked) template the run trains with, unless one is there."""
+    kept = workdir / "chat_template.jinja"
+    if not kept.exists() and jax.process_index() == 0:
+        write_text_atomically(kept, renderer.template)
+
+
+def _preference(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                hosts: dict) -> RunData:
+    """RunData of preference pairs (DPO, text only): init_from's tokenizer, the chat template as an SFT run's."""
+    source = tokenizer_file(config.get("init_from"))
+    if source is None:
+        raise ConfigError("data.kind 'preference' continues a model: init_from must be set and carry its "
+                          f"tokenizer.json (init_from is {config.get('init_from')!r})")
+    if model_cfg.vision is not None:
+        raise ConfigError("data.kind 'preference' is text only; this model has a vision tower (model.vision)")
+    for name, rows in (("train.batch_size / train.grad_accum", train_cfg.batch_size // train_cfg.grad_accum),
+                       ("train.batch_size per host", train_cfg.batch_size // hosts["process_count"])):
+        if rows % 2:
+            raise ConfigError(f"data.kind 'preference' puts each pair in two rows: {name} must be even, got {rows}")
+    records = preference_records(data.chat_sources)
+    renderer = chat_renderer(data.chat_template, tokenizer_dir(config.init_from), dict(data.chat_template_kwargs))
+    tokenizer = load_or_train_tokenizer(workdir / "tokenizer.json", lambda: [], model_cfg.vocab_size, (),
+                                        source=source)
+    tokenize = TokenizePreference(TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len,
+                                                       loss_on=data.chat_loss))
+    tokenize.check()
+    _keep_template(workdir, renderer)
+    rows = dict(pad=pad_id(tokenizer), strict=data.strict, rows=PairRows, **hosts)
+    iterator = ChatStream(records, tokenize, global_batch_size=train_cfg.batch_size, seed=config.seed, **rows)
+    eval_batches = chat_eval_batches(records, tokenize, batch_size=train_cfg.batch_size,
+                                     max_batches=train_cfg.eval_batches, **rows)
+    return RunData(model_cfg, iterator, eval_batches, {}, pairs=True)
 
 
 def _media_chat(data, records, renderer, tokenizer, model_cfg: ModelConfig, train_cfg: TrainConfig, seed,

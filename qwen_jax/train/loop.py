@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from qwen_jax.config import ConfigError
@@ -57,10 +58,15 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     model_cfg = data.model_config  # with the tokenizer's vision token ids
     keep_chat_files(config.get("init_from"), workdir)
     trainer = make_trainer(model_cfg, train_cfg, mesh, rules_from_config(config),
-                           images=data.images, videos=data.videos)
+                           images=data.images, videos=data.videos, dpo=data.pairs)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
 
     abstract_state = abstract_like(jax.eval_shape(lambda: trainer.init_state(config.seed)), trainer.state_shardings)
+    # DPO's reference is the policy it starts from, frozen: read again from init_from on every (re)start.
+    reference = None
+    if data.pairs:  # build_run_data made sure init_from is set
+        reference = jax.device_put(load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype),
+                                   trainer.state_shardings["params"])
     restored = checkpointer.restore_latest(abstract_state)
     if restored is not None:
         start, state, data_state, _ = restored
@@ -68,8 +74,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         data.iterator.set_state(own_data_state(data_state))
     else:
         start = 0
-        params = (load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype)
-                  if config.init_from else None)
+        # A copy: the step donates the state's buffers, and the reference must outlive them.
+        params = None if reference is None else jax.tree.map(jnp.array, reference)
+        if config.init_from and params is None:
+            params = load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype)
         state = trainer.init_state(config.seed, params)
     iterator, eval_batches = data.iterator, data.eval_batches
 
@@ -94,7 +102,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         done = step + 1
         profiler.before_step(done)
         started = time.perf_counter()
-        batch = trainer.global_batch(next(iterator))
+        batch = trainer.with_reference(trainer.global_batch(next(iterator)), reference)
         state, metrics = trainer.step_fn(state, batch)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - started
@@ -108,7 +116,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                "perf/mfu": flops_per_token * tokens_per_step / elapsed / peak,
                **{f"data/skipped/{reason}": n for reason, n in data.skipped_now().items()}}
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-            row["eval/loss"] = evaluate(trainer, state["params"], eval_batches)
+            row.update(evaluate(trainer, state["params"], eval_batches, reference))
         logger.log(row, log=done % train_cfg.log_every == 0 or done == train_cfg.steps)
         if int(metrics["learning/bad_streak"]) >= train_cfg.max_bad_steps:
             checkpointer.wait()
@@ -128,10 +136,13 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     return logger.close()
 
 
-def evaluate(trainer: Trainer, params, batches: list[dict]) -> float:
-    """Mean held-out cross-entropy (nats/token) over fixed batches."""
-    total = count = 0.0
+def evaluate(trainer: Trainer, params, batches: list[dict], reference=None) -> dict[str, float]:
+    """Held-out means over fixed batches: eval/loss (cross-entropy in nats/token; DPO: its loss per pair,
+    with eval/accuracy, the pairs whose chosen completion the policy prefers more than the reference does)."""
+    totals, count = {}, 0.0
     for batch in batches:
-        loss_sum, tokens = jax.device_get(trainer.eval_fn(params, trainer.global_batch(batch)))
-        total, count = total + float(loss_sum), count + float(tokens)
-    return total / max(count, 1.0)
+        sums, weight = jax.device_get(trainer.eval_fn(params, trainer.with_reference(trainer.global_batch(batch),
+                                                                                       reference)))
+        totals = {key: totals.get(key, 0.0) + float(value) for key, value in sums.items()}
+        count += float(weight)
+    return {key: total / max(count, 1.0) for key, total in totals.items()}

@@ -45,7 +45,8 @@ class Trainer:
     batch_axes: dict[str, tuple]  # each batch key's logical axes (TEXT_BATCH_AXES, ...)
     host_layout: HostBatchLayout  # the rows and tokens of every batch this host feeds
     step_fn: Any
-    eval_fn: Any
+    eval_fn: Any  # (params, batch) -> ({"eval/loss": sum, ...}, count): the means' sums and their count
+    reference_fn: Any = None  # DPO: (reference params, batch) -> the reference's token log-probs [B, T]
 
     def init_state(self, seed: int, params=None) -> dict:
         """A fresh state (random params from `seed`, or the given params), sharded over the mesh."""
@@ -59,9 +60,12 @@ class Trainer:
     def global_batch(self, local_batch: dict) -> dict:
         """This host's rows [b, T, ...] (its row block, `host_layout`) -> global arrays [B, T, ...]
         sharded over the batch axes and T over context; where context spans hosts each keeps only
-        its own tokens. Keys the step does not read are dropped."""
+        its own tokens. Keys the step does not read are dropped, and so are those computed on the
+        devices (DPO's ref_logprobs: `with_reference`)."""
         arrays = {}
         for key, sharding in self.batch_shardings.items():
+            if key == "ref_logprobs":
+                continue
             value, axes = local_batch[key], self.batch_axes[key]
             shape = [self.train_config.batch_size, *value.shape[1:]]
             if "length" in axes:
@@ -70,6 +74,12 @@ class Trainer:
                 value = self.host_layout.own_tokens(value, axis)
             arrays[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
         return arrays
+
+    def with_reference(self, batch: dict, reference_params) -> dict:
+        """A global batch with the reference model's token log-probs added (DPO; others: as it is)."""
+        if self.reference_fn is None:
+            return batch
+        return {**batch, "ref_logprobs": self.reference_fn(reference_params, batch)}
 
 
 def new_state(params, optimizer, seed: int) -> dict:
@@ -129,27 +139,34 @@ def loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, token_count: jax.Ar
     return loss, {"ce": ce_sum / token_count, "aux": aux, "expert_load": load}
 
 
-def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfig, mesh, rules):
-    """One optimizer step over the global batch (grad accumulation over cfg.grad_accum micro-batches)."""
-    token_count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+def token_count(batch: dict) -> jax.Array:
+    """What loss_fn normalises by: the batch's learned tokens (at least 1)."""
+    return jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+
+def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfig, mesh, rules, loss=loss_fn,
+               count=token_count):
+    """One optimizer step over the global batch (grad accumulation over cfg.grad_accum micro-batches).
+
+    loss(params, graphdef, micro_batch, cfg, normaliser) -> (loss, parts with "ce", "aux", "expert_load" and
+    any further metrics); count(batch) -> the normaliser (default: the cross-entropy's, per learned token)."""
+    normaliser = jnp.maximum(count(batch), 1.0)
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     def accumulate(carry, micro_batch):
-        (loss, parts), grads = grad_fn(state["params"], graphdef, micro_batch, cfg, token_count)
-        total = jax.tree.map(jnp.add, carry, (loss, parts, grads))
+        (value, parts), grads = grad_fn(state["params"], graphdef, micro_batch, cfg, normaliser)
+        total = jax.tree.map(jnp.add, carry, (value, parts, grads))
         return total, None
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    model_config = nnx.merge(graphdef, state["params"]).config
-    load_shape = (model_config.num_hidden_layers, model_config.num_experts) if model_config.is_moe else (0,)
-    init = (jnp.zeros(()), {"ce": jnp.zeros(()), "aux": jnp.zeros(()), "expert_load": jnp.zeros(load_shape)},
-            zeros)
+    shapes = jax.eval_shape(lambda params, micro_batch: grad_fn(params, graphdef, micro_batch, cfg, normaliser),
+                            state["params"], jax.tree.map(lambda x: x[0], micro))
+    init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
     with activation_sharding(mesh, rules):
-        (loss, parts, grads), _ = jax.lax.scan(accumulate, init, micro)
+        (total_loss, parts, grads), _ = jax.lax.scan(accumulate, init, micro)
 
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # A non-finite loss or gradient never reaches the parameters: keep the old state, count it.
@@ -164,10 +181,11 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
         "skipped_steps": state["skipped_steps"] + (~finite),
         "bad_streak": jnp.where(finite, 0, state["bad_streak"] + 1),
     }
-    metrics = {"learning/loss": parts["ce"], "learning/total_loss": loss,
+    metrics = {"learning/loss": parts["ce"], "learning/total_loss": total_loss,
                "learning/grad_norm": grad_norm, "learning/lr": lr,
                "learning/moe_lb_loss": parts["aux"], "learning/skipped_steps": new["skipped_steps"],
-               "learning/bad_streak": new["bad_streak"], "data/tokens": token_count}
+               "learning/bad_streak": new["bad_streak"], "data/tokens": jnp.sum(batch["loss_mask"]),
+               **{key: value for key, value in parts.items() if "/" in key}}  # e.g. the DPO's dpo/*
     if parts["expert_load"].size:
         metrics["moe/expert_load"] = parts["expert_load"]  # [L, E] tokens routed per expert
     return new, metrics
@@ -186,10 +204,12 @@ def host_layout_for(mesh: Mesh, rules, train_config: TrainConfig) -> HostBatchLa
 
 
 def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, rules, *,
-                 images: bool = False, videos: bool = False) -> Trainer:
+                 images: bool = False, videos: bool = False, dpo: bool = False) -> Trainer:
     """Build the optimizer, shardings and the jitted step for this model on this mesh; with
     `images` (and `videos`), batches are the image-text pipeline's (IMAGE_BATCH_AXES,
-    VIDEO_BATCH_AXES)."""
+    VIDEO_BATCH_AXES); with `dpo`, pairs of rows trained by train/preference.py's loss."""
+    from qwen_jax.train import preference  # it imports this module
+
     if images and model_config.vision is None:
         raise ConfigError("image-text batches need a model with a vision tower (model.vision)")
     rules = hashable_rules(rules)
@@ -197,25 +217,39 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     optimizer = make_optimizer(train_config)
     shardings = state_shardings_for(params, optimizer, mesh, rules)
     batch_axes = VIDEO_BATCH_AXES if videos else IMAGE_BATCH_AXES if images else TEXT_BATCH_AXES
+    if dpo:
+        batch_axes = {**batch_axes, "ref_logprobs": ("batch", "length")}
+    loss, count = (preference.dpo_loss_fn, preference.pair_count) if dpo else (loss_fn, token_count)
     batch_shardings = {key: batch_sharding(mesh, rules, train_config, axes)
                        for key, axes in batch_axes.items()}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(state, batch):
         return train_step(state, batch, graphdef=graphdef, optimizer=optimizer, cfg=train_config,
-                          mesh=mesh, rules=rules)
+                          mesh=mesh, rules=rules, loss=loss, count=count)
 
     def evaluate(params, batch):
-        count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        normaliser = jnp.maximum(count(batch), 1.0)
         with activation_sharding(mesh, rules):
-            _, parts = loss_fn(params, graphdef, batch, dataclasses.replace(train_config, grad_accum=1),
-                               count)
-        return parts["ce"] * count, count
+            _, parts = loss(params, graphdef, batch, dataclasses.replace(train_config, grad_accum=1), normaliser)
+        sums = {"eval/loss": parts["ce"] * normaliser}
+        if dpo:
+            sums["eval/accuracy"] = parts["dpo/accuracy"] * normaliser
+        return sums, normaliser
+
+    def reference(params, batch):
+        with activation_sharding(mesh, rules):
+            return preference.reference_logprobs(params, graphdef, batch, train_config.ce_chunk)
 
     step_fn = jax.jit(step, in_shardings=(shardings, batch_shardings),
                       out_shardings=(shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(evaluate, in_shardings=(shardings["params"], batch_shardings),
                       out_shardings=replicated)
+    reference_fn = None
+    if dpo:
+        scored = {key: value for key, value in batch_shardings.items() if key != "ref_logprobs"}
+        reference_fn = jax.jit(reference, in_shardings=(shardings["params"], scored),
+                               out_shardings=batch_shardings["ref_logprobs"])
     return Trainer(model_config, train_config, mesh, rules, graphdef, optimizer, shardings,
                    batch_shardings, batch_axes, host_layout_for(mesh, rules, train_config), step_fn,
-                   eval_fn)
+                   eval_fn, reference_fn)
