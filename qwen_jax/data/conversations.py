@@ -57,15 +57,20 @@ TOO_LONG = "too_long"
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
 
 
-def parse_conversation(record: bytes | str, where: str) -> dict:
-    """A JSON record -> {"messages": [...], "tools": [...] or None}, or raise Skip."""
+def json_object(record: bytes | str) -> dict:
+    """A record's JSON object, or raise Skip("bad_json")."""
     try:
         value = json.loads(record.decode("utf-8") if isinstance(record, bytes) else record)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise Skip("bad_json", str(error)) from None
     if not isinstance(value, dict):
         raise Skip("bad_json", f"a JSON {type(value).__name__}, not an object")
-    return check_conversation(value)
+    return value
+
+
+def parse_conversation(record: bytes | str, where: str) -> dict:
+    """A JSON record -> {"messages": [...], "tools": [...] or None}, or raise Skip."""
+    return check_conversation(json_object(record))
 
 
 def _from_sharegpt(turns) -> list:

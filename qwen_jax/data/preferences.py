@@ -11,12 +11,11 @@ batch (chosen, rejected) as the same segment of both, first fit, so row pairs pa
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from qwen_jax.data.chat_stream import CHAT_FILE_SUFFIXES, ConversationRows
-from qwen_jax.data.conversations import TokenizeConversation, check_conversation, python_help_conversations
+from qwen_jax.data.conversations import (TokenizeConversation, check_conversation, json_object,
+                                         python_help_conversations)
 from qwen_jax.data.records import Skip
 from qwen_jax.data.sources import stable_unit_hash
 from qwen_jax.data.streaming import RecordIndex
@@ -48,13 +47,7 @@ def check_preference(value: dict) -> dict:
 
 def parse_preference(record: bytes | str, where: str) -> dict:
     """A JSON record -> check_preference's pair, or raise Skip."""
-    try:
-        value = json.loads(record.decode("utf-8") if isinstance(record, bytes) else record)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise Skip("bad_json", str(error)) from None
-    if not isinstance(value, dict):
-        raise Skip("bad_json", f"a JSON {type(value).__name__}, not an object")
-    return check_preference(value)
+    return check_preference(json_object(record))
 
 
 def python_help_preferences() -> list[dict]:
