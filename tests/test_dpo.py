@@ -46,7 +46,8 @@ def test_dpo_loss_and_gradient_equal_the_formula_on_full_logits():
     segments = np.zeros((batch_size, length), np.int32)
     segments[0:2, :10], segments[0:2, 10:18], segments[2:4, :14] = 1, 2, 1
     mask = (segments > 0) & (rng.random((batch_size, length)) < 0.7)
-    batch = {"input_ids": rng.integers(0, 64, (batch_size, length)), "targets": rng.integers(0, 64, (batch_size, length)),
+    batch = {"input_ids": rng.integers(0, 64, (batch_size, length)),
+             "targets": rng.integers(0, 64, (batch_size, length)),
              "segment_ids": segments, "loss_mask": mask.astype(np.float32),
              "ref_logprobs": rng.normal(-4.0, 0.5, (batch_size, length)).astype(np.float32)}
     batch = {key: jnp.asarray(value) for key, value in batch.items()}
@@ -104,11 +105,13 @@ def test_bad_preference_records_are_named():
         with pytest.raises(Skip) as raised:
             parse_preference(record, "pairs.jsonl:1")
         assert raised.value.reason == reason, record
-    implicit = parse_preference(json.dumps({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                                            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}), "x")
+    question = {"role": "user", "content": "q"}
+    implicit = parse_preference(json.dumps({"chosen": [question, {"role": "assistant", "content": "a"}],
+                                            "rejected": [question, {"role": "assistant", "content": "b"}]}), "x")
     assert implicit["chosen"]["messages"][0] == implicit["rejected"]["messages"][0]
     built_in = python_help_preferences()
-    assert len(built_in) > 1000 and all(p["chosen"]["messages"][:-1] == p["rejected"]["messages"][:-1] for p in built_in)
+    assert len(built_in) > 1000
+    assert all(p["chosen"]["messages"][:-1] == p["rejected"]["messages"][:-1] for p in built_in)
 
 
 def test_a_dpo_run_from_an_sft_checkpoint_resumes_exactly(tokenizer, tmp_path, capsys):

@@ -46,7 +46,8 @@ def workdir(tmp_path_factory):
     (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)
     tokenizer.save(str(folder / "tokenizer.json"))
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(folder / "checkpoints" / "1" / "state", {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
+        checkpointer.save(folder / "checkpoints" / "1" / "state",
+                          {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
     Image.new("RGB", (64, 48), (255, 0, 0)).save(folder / "red.png")
     (folder / "clip").mkdir()
     for frame in range(6):  # a bar moving right: a folder of frames is a video
@@ -65,8 +66,21 @@ def expected_inputs(model, tokenizer, prompt_text, image_file, pad_token="<|imag
     return ids, image.pixel_values, np.array([image.grid_thw])
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    """The CLI's calls of generate() as (prompts, kwargs), each passed on."""
+    made = []
+
+    def recorded(model, prompts, **kwargs):
+        made.append((prompts, kwargs))
+        return generate(model, prompts, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("qwen_jax.generate.engine"), "generate", recorded)
+    return made
+
+
 @pytest.mark.parametrize("chat", [True, False])
-def test_generate_with_an_image_matches_generate_on_the_laid_out_prompt(workdir, chat, capsys, monkeypatch):
+def test_generate_with_an_image_matches_generate_on_the_laid_out_prompt(workdir, chat, capsys, calls):
     folder, model, tokenizer, image_file = workdir
     block = BLOCKS["image"]
     if chat:  # the template's user turn: the image's placeholder, then the text
@@ -74,13 +88,6 @@ def test_generate_with_an_image_matches_generate_on_the_laid_out_prompt(workdir,
     else:  # as early-fusion pretraining lays out an image-text document
         prompt_text = block + PROMPT
     ids, pixel_values, grid = expected_inputs(model, tokenizer, prompt_text, image_file)
-    calls = []
-
-    def recorded(model, prompts, **kwargs):  # the CLI's call, passed on
-        calls.append((prompts, kwargs))
-        return generate(model, prompts, **kwargs)
-
-    monkeypatch.setattr(importlib.import_module("qwen_jax.generate.engine"), "generate", recorded)
     main(["generate", f"--model={folder}", f"--prompt={PROMPT}", f"--image={image_file}", "--max-new-tokens=4"]
          + (["--chat"] if chat else []))
     [(prompts, kwargs)] = calls
@@ -93,14 +100,13 @@ def test_generate_with_an_image_matches_generate_on_the_laid_out_prompt(workdir,
     assert want and want in capsys.readouterr().out
 
 
-def test_a_chat_turn_with_an_image_and_a_video(workdir, monkeypatch):
+def test_a_chat_turn_with_an_image_and_a_video(workdir, calls):
     folder, model, tokenizer, image_file = workdir
-    video = load_video(folder / "clip", media_processors(data_config(ml_collections.ConfigDict({"data": PIXELS | VIDEO})))[1])
-    image_ids, pixel_values, grid = expected_inputs(model, tokenizer, f"<|im_start|>user\n{BLOCKS['image']}", image_file)
+    video_config = media_processors(data_config(ml_collections.ConfigDict({"data": PIXELS | VIDEO})))[1]
+    video = load_video(folder / "clip", video_config)
+    opening = f"<|im_start|>user\n{BLOCKS['image']}"
+    image_ids, pixel_values, grid = expected_inputs(model, tokenizer, opening, image_file)
     rest = tokenizer.encode(f"{PROMPT}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
-    calls = []
-    monkeypatch.setattr(importlib.import_module("qwen_jax.generate.engine"), "generate",
-                        lambda model, prompts, **kwargs: calls.append((prompts, kwargs)) or generate(model, prompts, **kwargs))
     main(["generate", f"--model={folder}", f"--prompt={PROMPT}", f"--video={folder / 'clip'}", f"--image={image_file}",
           "--max-new-tokens=2", "--chat"])
     [(prompts, kwargs)] = calls

@@ -283,7 +283,9 @@ def bench_kernel(record, setup, deadline, peer_dir, save):
     # Off a GPU the Pallas kernel runs in interpret mode: a check of its numbers at --quick's tiny
     # shape, hopeless at the full ones.
     pallas = jax.default_backend() == "gpu" or record["run"]["quick"]
-    record["methods"] = ["chunked", "pallas"] + (["pallas_fused"] if setup["fused_terms"] else []) if pallas else ["chunked"]
+    record["methods"] = ["chunked"]
+    if pallas:
+        record["methods"] += ["pallas"] + (["pallas_fused"] if setup["fused_terms"] else [])
     record["peer"] = record["peer"] or peer("kernel", peer_dir, deadline)
     save()
     for shape in setup["shapes"]:

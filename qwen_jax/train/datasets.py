@@ -250,7 +250,8 @@ def _chat(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: TrainC
     vision tower. The template the run trains with is kept as WORKDIR/chat_template.jinja, so
     `generate --chat` and a later RL run of a checkpoint use it too."""
     vision = model_cfg.vision is not None
-    records = media_chat_records(data.chat_sources, *media_processors(data)) if vision else chat_records(data.chat_sources)
+    records = (media_chat_records(data.chat_sources, *media_processors(data)) if vision
+               else chat_records(data.chat_sources))
     renderer = chat_renderer(data.chat_template, tokenizer_dir(config.get("init_from")),
                              dict(data.chat_template_kwargs))
     texts = media_chat_texts if vision else rendered_texts
@@ -293,6 +294,7 @@ def _preference(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: 
             raise ConfigError(f"data.kind 'preference' puts each pair in two rows: {name} must be even, got {rows}")
     records = preference_records(data.chat_sources)
     renderer = chat_renderer(data.chat_template, tokenizer_dir(config.init_from), dict(data.chat_template_kwargs))
+    # init_from's tokenizer is copied (source): nothing is trained, so no texts are needed.
     tokenizer = load_or_train_tokenizer(workdir / "tokenizer.json", lambda: [], model_cfg.vocab_size, (),
                                         source=source)
     tokenize = TokenizePreference(TokenizeConversation(tokenizer, renderer, seq_len=train_cfg.seq_len,

@@ -139,13 +139,13 @@ def loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, token_count: jax.Ar
     return loss, {"ce": ce_sum / token_count, "aux": aux, "expert_load": load}
 
 
-def token_count(batch: dict) -> jax.Array:
+def learned_tokens(batch: dict) -> jax.Array:
     """What loss_fn normalises by: the batch's learned tokens (at least 1)."""
     return jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
 
 def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfig, mesh, rules, loss=loss_fn,
-               count=token_count):
+               count=learned_tokens):
     """One optimizer step over the global batch (grad accumulation over cfg.grad_accum micro-batches).
 
     loss(params, graphdef, micro_batch, cfg, normaliser) -> (loss, parts with "ce", "aux", "expert_load" and
@@ -219,7 +219,7 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     batch_axes = VIDEO_BATCH_AXES if videos else IMAGE_BATCH_AXES if images else TEXT_BATCH_AXES
     if dpo:
         batch_axes = {**batch_axes, "ref_logprobs": ("batch", "length")}
-    loss, count = (preference.dpo_loss_fn, preference.pair_count) if dpo else (loss_fn, token_count)
+    loss, count = (preference.dpo_loss_fn, preference.pair_count) if dpo else (loss_fn, learned_tokens)
     batch_shardings = {key: batch_sharding(mesh, rules, train_config, axes)
                        for key, axes in batch_axes.items()}
     replicated = NamedSharding(mesh, PartitionSpec())
