@@ -149,7 +149,8 @@ def cmd_generate(args, overrides) -> None:
 
     from qwen_jax.data.chat import user_turns
     from qwen_jax.generate.engine import generate
-    from qwen_jax.generate.media_prompts import load_media, media_processors_for, media_prompt_ids, pixel_inputs
+    from qwen_jax.generate.media_prompts import (load_prompt_media, media_processors_for, media_prompt_ids,
+                                                 pixel_inputs)
     from qwen_jax.generate.loading import load_for_generation
 
     prompts = [args.prompt] if args.prompt is not None else []
@@ -166,7 +167,7 @@ def cmd_generate(args, overrides) -> None:
     model, tokenizer, stop_ids = load_for_generation(args.model)
     media = []
     if args.images or args.videos:
-        media = load_media(args.images, args.videos, media_processors_for(args.model))
+        media = load_prompt_media(args.images, args.videos, media_processors_for(args.model))
     kinds = ["image"] * len(args.images) + ["video"] * len(args.videos)
     texts = user_turns(args.model, prompts, media=kinds, **chat_kwargs) if args.chat else prompts
     if media:

@@ -128,8 +128,8 @@ class ChatStream:
 
     def __init__(self, records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, global_batch_size: int,
                  seed: int | None, strict: bool = False, process_index: int = 0, process_count: int = 1,
-                 rows=ConversationRows):
-        self._rows = rows  # (rows, seq_len, pad) -> what packs tokenize's items (data/preferences.py: pairs)
+                 packing=ConversationRows):
+        self._packing = packing  # (rows, seq_len, pad) -> what packs tokenize's items (preferences.py: pairs)
         self._conversations = host_records(records, "chat_sources", seed, process_index, process_count).map(
             TokenizeChatRecord(tokenize, strict))
         self._records_per_epoch = -(-len(records) // process_count)
@@ -154,7 +154,7 @@ class ChatStream:
             self._reader = DocumentReader(
                 self._conversations, self._record, self.skipped, give_up_after=self._records_per_epoch + 1,
                 nothing_found="data.chat_sources: a whole epoch of records holds no usable train conversation")
-        rows = self._rows(self._per_host, self._seq_len, self._pad)
+        rows = self._packing(self._per_host, self._seq_len, self._pad)
         while True:
             if self._pending is None:
                 self._record, self._pending = self._reader.next()
@@ -168,11 +168,11 @@ class ChatStream:
 
 def chat_eval_batches(records: RecordIndex, tokenize: TokenizeConversation, *, pad: int, batch_size: int,
                       max_batches: int, strict: bool = False, process_index: int = 0,
-                      process_count: int = 1, rows=ConversationRows) -> list[Batch]:
-    """Fixed batches of the held-out conversations in corpus order, packed as the train ones (`rows`, as
+                      process_count: int = 1, packing=ConversationRows) -> list[Batch]:
+    """Fixed batches of the held-out conversations in corpus order, packed as the train ones (`packing`, as
     ChatStream's); host p takes the p-th block of rows of each."""
-    per_host, seq_len, make_rows = per_host_batch_size(batch_size, process_count), tokenize.seq_len, rows
-    batches, rows = [], make_rows(batch_size, seq_len, pad)
+    per_host, seq_len = per_host_batch_size(batch_size, process_count), tokenize.seq_len
+    batches, rows = [], packing(batch_size, seq_len, pad)
     for where, conversation in conversations_of(records, held_out=True, strict=strict):
         try:
             item = tokenize(conversation)
@@ -184,7 +184,7 @@ def chat_eval_batches(records: RecordIndex, tokenize: TokenizeConversation, *, p
             batches.append(rows.batch())
             if len(batches) == max_batches:
                 break
-            rows = make_rows(batch_size, seq_len, pad)
+            rows = packing(batch_size, seq_len, pad)
             rows.add(*item)
     else:
         if not rows.empty:

@@ -107,7 +107,11 @@ class PairRows:
     def __init__(self, rows: int, seq_len: int, pad: int):
         if rows % 2:
             raise ValueError(f"preference batches need an even number of rows per host, got {rows}")
-        self._rows, self.empty = ConversationRows(rows, seq_len, pad), True
+        self._rows = ConversationRows(rows, seq_len, pad)
+
+    @property
+    def empty(self) -> bool:
+        return self._rows.empty
 
     def add(self, chosen, chosen_learned, rejected, rejected_learned) -> bool:
         """Place one pair (each side at most seq_len tokens); False where no row pair has room for it."""
@@ -116,7 +120,6 @@ class PairRows:
             if all(self._rows.room(row) >= len(ids) for row, ids in zip(rows, (chosen, rejected))):
                 self._rows.place(rows[0], chosen, chosen_learned)
                 self._rows.place(rows[1], rejected, rejected_learned)
-                self.empty = False
                 return True
         return False
 

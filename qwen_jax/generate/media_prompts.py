@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from qwen_jax.config import ConfigError, ModelConfig
-from qwen_jax.data.images import ImageError, ImageProcessorConfig, ProcessedImage, preprocess_image
+from qwen_jax.data.images import ImageProcessorConfig, ProcessedImage
 from qwen_jax.data.mm_chat import expand_placeholders
 from qwen_jax.data.mm_packing import tokenize_record
-from qwen_jax.data.mm_sources import ImageTextRecord
+from qwen_jax.data.mm_sources import ImageTextRecord, load_part
 from qwen_jax.data.records import Skip
-from qwen_jax.data.videos import ProcessedVideo, VideoProcessorConfig, load_video
+from qwen_jax.data.videos import ProcessedVideo, VideoProcessorConfig
 
 # HF preprocessor fields that the processor configs take as they are (size.shortest_edge / longest_edge
 # become min_pixels / max_pixels).
@@ -59,24 +58,18 @@ def _from_hf(file: Path, kind, names: tuple[str, ...]):
         raise ConfigError(f"{file}: {error}") from None
 
 
-def load_media(images: list[str], videos: list[str], processors: tuple[ImageProcessorConfig, VideoProcessorConfig]
-               ) -> list[ProcessedImage | ProcessedVideo]:
-    """Image files, then video files or frame folders -> preprocessed, in that order; a bad one is named."""
-    image_config, video_config = processors
+def load_prompt_media(images: list[str], videos: list[str], processors: tuple[ImageProcessorConfig,
+                      VideoProcessorConfig]) -> list[ProcessedImage | ProcessedVideo]:
+    """Image files, then video files or frame folders -> preprocessed as a data record's parts are
+    (mm_sources.load_part), in that order; a bad one is named."""
     media = []
-    for file in images:
-        try:
-            with Image.open(file) as image:
-                media.append(preprocess_image(image, image_config, name=f"--image={file}"))
-        except (OSError, UnidentifiedImageError) as error:
-            raise ConfigError(f"--image={file}: cannot read it as an image ({error})") from None
-        except ImageError as error:
-            raise ConfigError(str(error)) from None
-    for file in videos:
-        try:
-            media.append(load_video(file, video_config))
-        except ImageError as error:  # VideoError included
-            raise ConfigError(f"--video={file}: {error}") from None
+    for kind, files in (("image", images), ("video", videos)):
+        for file in files:
+            try:
+                media.append(load_part({kind: str(file)}, Path("."), *processors))
+            except Skip as skip:
+                problem = "cannot read it as an image" if kind == "image" else "cannot read it as a video"
+                raise ConfigError(f"--{kind}={file}: {problem} ({skip.reason}: {skip})") from None
     return media
 
 

@@ -301,7 +301,7 @@ def _preference(config, data, workdir: Path, model_cfg: ModelConfig, train_cfg: 
                                                        loss_on=data.chat_loss))
     tokenize.check()
     _keep_template(workdir, renderer)
-    rows = dict(pad=pad_id(tokenizer), strict=data.strict, rows=PairRows, **hosts)
+    rows = dict(pad=pad_id(tokenizer), strict=data.strict, packing=PairRows, **hosts)
     iterator = ChatStream(records, tokenize, global_batch_size=train_cfg.batch_size, seed=config.seed, **rows)
     eval_batches = chat_eval_batches(records, tokenize, batch_size=train_cfg.batch_size,
                                      max_batches=train_cfg.eval_batches, **rows)

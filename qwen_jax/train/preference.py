@@ -48,11 +48,9 @@ def dpo_terms(policy: jax.Array, reference: jax.Array, mask: jax.Array, segment_
 def dpo_loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, pairs: jax.Array):
     """The DPO loss of one micro-batch, its sums normalised by the global pair count; the value is the true
     loss, the gradient that of the weighted cross-entropy (module docstring)."""
-    model = nnx.merge(graphdef, params)
-    out = model(batch["input_ids"], **model_inputs(batch))
+    model, out, policy = _forward(params, graphdef, batch, cfg.ce_chunk)
     head, dtype = model.head_weight(), out.hidden.dtype
     targets, mask, segments = batch["targets"], batch["loss_mask"], batch["segment_ids"]
-    policy = token_logprobs(out.hidden, head, targets, chunk_size=cfg.ce_chunk, compute_dtype=dtype)
     z, valid, chosen, rejected = dpo_terms(policy, batch["ref_logprobs"], mask, segments, cfg.dpo_beta)
     loss = jnp.sum(jnp.where(valid, jax.nn.softplus(-z), 0.0)) / pairs
     # -dloss/dlp per pair slot, spread back to the tokens of its two rows (chosen +, rejected -).
@@ -71,9 +69,15 @@ def dpo_loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, pairs: jax.Arra
                    "dpo/rejected_reward": per_pair(rejected)}
 
 
-def reference_logprobs(params, graphdef, batch: dict, ce_chunk: int) -> jax.Array:
-    """The frozen reference model's per-token log-probs of a batch's targets [B, T] float32."""
+def _forward(params, graphdef, batch: dict, ce_chunk: int):
+    """-> (model, its output, the log-probs of the batch's targets [B, T] float32, without a gradient)."""
     model = nnx.merge(graphdef, params)
     out = model(batch["input_ids"], **model_inputs(batch))
-    return token_logprobs(out.hidden, model.head_weight(), batch["targets"], chunk_size=ce_chunk,
-                          compute_dtype=out.hidden.dtype)
+    logprobs = token_logprobs(out.hidden, model.head_weight(), batch["targets"], chunk_size=ce_chunk,
+                              compute_dtype=out.hidden.dtype)
+    return model, out, logprobs
+
+
+def reference_logprobs(params, graphdef, batch: dict, ce_chunk: int) -> jax.Array:
+    """The frozen reference model's per-token log-probs of a batch's targets [B, T] float32."""
+    return _forward(params, graphdef, batch, ce_chunk)[2]
