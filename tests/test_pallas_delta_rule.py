@@ -107,8 +107,9 @@ def test_pallas_bf16_operands_stay_within_bf16_error(kernel):
 
 @pytest.mark.parametrize("value_dim", [256, 192])
 def test_tpu_kernel_on_value_heads_wider_than_a_lane_block(value_dim):
-    """dv = 256 in two 128-lane blocks: the shared gradients (dq, dk, dg, dbeta) add both blocks' parts.
-    dv = 192, which 128 lanes do not divide: one block of the whole head."""
+    """dv = 256 in two 128-lane blocks, each walking its slice of the state (the gradients shared by the
+    blocks, dq, dk, dg, dbeta, come from products over the whole head after the walks). dv = 192, which
+    128 lanes do not divide: one block of the whole head."""
     rng = np.random.default_rng(4)
     q, k = (jnp.asarray(x, jnp.float32) for x in rng.standard_normal((2, 1, 128, 1, 128)))
     v = jnp.asarray(rng.standard_normal((1, 128, 1, value_dim)), jnp.float32)

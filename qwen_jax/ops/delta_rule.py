@@ -312,16 +312,23 @@ def _sequential_backward(residuals, grads):
 
     chunks = tuple(map(_chunk_major, (to_new_values, to_state, terms.w, terms.k_to_end, terms.state_decay)))
     d_state0, (d_new_values, d_leaving) = lax.scan(step, d_final, chunks, reverse=True)
-    d_new_values, d_leaving = _batch_major(d_new_values), _batch_major(d_leaving)
-    d_terms = ChunkTerms(
-        q_decayed=_einsum("bhncv,bhnkv->bhnck", d_out, incoming, operand=operand),
-        qk_decayed=_einsum("bhnrv,bhnsv->bhnrs", d_out, new_values, operand=operand),
-        u=d_new_values,
-        w=-_einsum("bhncv,bhnkv->bhnck", d_new_values, incoming, operand=operand),
-        k_to_end=_einsum("bhncv,bhnkv->bhnck", new_values, d_leaving, operand=operand),
-        state_decay=_einsum("bhnkv,bhnkv->bhn", incoming, d_leaving, operand=operand),
-    )
+    d_terms = terms_gradients(d_out, incoming, new_values, _batch_major(d_new_values), _batch_major(d_leaving),
+                              operand=operand)
     return jax.tree.map(lambda d, x: d.astype(x.dtype), d_terms, terms), d_state0
+
+
+def terms_gradients(d_out, incoming, new_values, d_new_values, d_leaving, *, operand) -> ChunkTerms:
+    """The chunk terms' gradients once the reverse walk is done, all chunk-parallel, for any leading axes:
+    d_out, V', dV' [..., C, dv], incoming states and the gradients of the leaving ones [..., dk, dv]
+    -> ChunkTerms of float32 gradients (u's is dV' as given)."""
+    return ChunkTerms(
+        q_decayed=_einsum("...cv,...kv->...ck", d_out, incoming, operand=operand),
+        qk_decayed=_einsum("...rv,...sv->...rs", d_out, new_values, operand=operand),
+        u=d_new_values,
+        w=-_einsum("...cv,...kv->...ck", d_new_values, incoming, operand=operand),
+        k_to_end=_einsum("...cv,...kv->...ck", new_values, d_leaving, operand=operand),
+        state_decay=_einsum("...kv,...kv->...", incoming, d_leaving, operand=operand),
+    )
 
 
 @jax.custom_vjp
