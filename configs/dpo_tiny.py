@@ -1,5 +1,5 @@
 """DPO of the tiny preset after `configs/sft_tiny.py`: each python_help question's own answer chosen over
-the answer about another object. A preference run continues a model, and that model is also DPO's frozen
+its own words shuffled. A preference run continues a model, and that model is also DPO's frozen
 reference:
 
     qwen-jax train --config=configs/dpo_tiny.py --workdir=runs/dpo \

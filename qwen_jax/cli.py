@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -81,7 +82,7 @@ def cmd_info(args, overrides) -> None:
     """Print a model config and its total and active parameter counts (computed from shapes only)."""
     import dataclasses
 
-    from qwen_jax.model.counts import parameter_counts
+    from qwen_jax.model.counts import adapter_count, parameter_counts
     from qwen_jax.model.decoder import layer_groups
 
     config = _model_config(args, overrides)
@@ -93,21 +94,27 @@ def cmd_info(args, overrides) -> None:
     print(f"{'layers':28s} {list(pattern)} x {repeats} + {list(tail)}")
     print(f"{'parameters':28s} {total:,}")
     print(f"{'active parameters':28s} {active:,}")
+    if config.lora_rank:
+        print(f"{'of which LoRA adapters':28s} {adapter_count(config):,}")
 
 
 def cmd_convert(args, overrides) -> None:
-    """HF directory -> qwen-jax model directory, or back."""
+    """HF directory -> qwen-jax model directory, or back; a qwen-jax workdir (or one of its checkpoint steps)
+    -> HF directory, a LoRA run's adapters merged into its base."""
+    from qwen_jax.generate.loading import load_for_generation
     from qwen_jax.interop.hf import load_hf, save_hf
     from qwen_jax.interop.native import load_model, save_model
 
+    source = getattr(args, "from")
     if args.from_hf and args.to:
         save_model(load_hf(args.from_hf, dtype=args.dtype), args.to)
         print(f"converted {args.from_hf} -> {args.to}")
-    elif getattr(args, "from") and args.to_hf:
-        save_hf(load_model(getattr(args, "from")), args.to_hf)
-        print(f"converted {getattr(args, 'from')} -> {args.to_hf}")
+    elif source and args.to_hf:
+        run = (Path(source) / "checkpoints").is_dir() or (Path(source) / "state").is_dir()
+        save_hf(load_for_generation(source)[0] if run else load_model(source), args.to_hf)
+        print(f"converted {source} -> {args.to_hf}")
     else:
-        raise SystemExit("error: use --from-hf=DIR --to=DIR  or  --from=DIR --to-hf=DIR")
+        raise SystemExit("error: use --from-hf=DIR --to=DIR  or  --from=DIR|WORKDIR --to-hf=DIR")
 
 
 def cmd_bench(args, overrides) -> None:
@@ -227,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", default=None)
     info.set_defaults(run=cmd_info)
 
-    convert = commands.add_parser("convert", help="HF safetensors <-> qwen-jax model directory")
+    convert = commands.add_parser("convert", help="HF safetensors <-> qwen-jax model directory; a workdir -> HF")
     convert.add_argument("--from-hf", dest="from_hf")
     convert.add_argument("--to")
     convert.add_argument("--from", dest="from")

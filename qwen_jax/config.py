@@ -23,6 +23,11 @@ ROPE_TYPES = ("yarn",)  # RoPE scalings besides plain RoPE (HF rope_type "defaul
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 # "auto": the Pallas kernel on GPU, the pure-JAX chunked op elsewhere (TPU, CPU).
 GDN_IMPLS = ("auto", "jax", "pallas")
+# The decoder's projections (module names, as HF and PEFT call them) that LoRA can adapt; the default
+# targets leave out in_proj_b / in_proj_a, whose outputs are one number per value head.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                "out_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DEFAULT_TARGETS = tuple(name for name in LORA_MODULES if name not in ("in_proj_b", "in_proj_a"))
 # HF's names: tanh-approximated GELU (every published tower) and exact GELU.
 VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 
@@ -182,8 +187,19 @@ class ModelConfig:
     # moe_capacity_factor x the even share, one batched matmul, and a ragged pass for any overflow.
     moe_dispatch: str = "padded"
     moe_capacity_factor: float = 1.25
+    # LoRA (0: none): every projection named in lora_targets gains x A B * lora_alpha / lora_rank, A [in, r],
+    # B [r, out]; `qwen-jax train` then trains only A and B (and the modules named in lora_also_train, whole,
+    # e.g. "embed_tokens"), on the frozen init_from weights.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
+    lora_also_train: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for name in ("lora_targets", "lora_also_train"):  # a command line gives "q_proj,v_proj"
+            names = getattr(self, name)
+            object.__setattr__(self, name, tuple(n for n in names.split(",") if n) if isinstance(names, str)
+                               else tuple(names))
         if self.layer_types is None:
             object.__setattr__(self, "layer_types", default_layer_types(self.num_hidden_layers))
         else:
@@ -197,6 +213,12 @@ class ModelConfig:
             # A dict from a saved config.json, or a ConfigDict from a config file.
             object.__setattr__(self, "vision", VisionConfig(**dict(self.vision)))
         self.validate()
+
+    def lora_for(self, module: str) -> tuple[int, float] | None:
+        """(rank, scale = alpha / rank) of the LoRA update on projection `module`, or None."""
+        if self.lora_rank and module in self.lora_targets:
+            return self.lora_rank, self.lora_alpha / self.lora_rank
+        return None
 
     @property
     def rotary_dim(self) -> int:
@@ -285,6 +307,18 @@ class ModelConfig:
             raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.vision is not None:
             self._validate_vision()
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ConfigError(f"model.lora_rank must be an integer >= 0 (0: no LoRA), got {self.lora_rank!r}")
+        if not self.lora_rank:
+            return
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"model.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        unknown = [name for name in self.lora_targets if name not in LORA_MODULES]
+        if unknown or not self.lora_targets:
+            raise ConfigError(f"model.lora_targets {list(self.lora_targets)}: each must be one of {LORA_MODULES}")
 
     def _validate_vision(self) -> None:
         if self.architecture != "qwen3_5":

@@ -405,7 +405,11 @@ def hf_tensors(model: Qwen35ForCausalLM):
 
 
 def save_hf(model: Qwen35ForCausalLM, path: str | os.PathLike) -> None:
-    """Write config.json + safetensors that transformers' matching class loads (+ tokenizer files)."""
+    """Write config.json + safetensors that transformers' matching class loads (+ tokenizer files); a LoRA
+    model's adapters are merged into its kernels first."""
+    from qwen_jax.model.lora import without_adapters
+
+    model = without_adapters(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, jax.Array]] = [{}]

@@ -53,10 +53,10 @@ class GatedAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         # q_proj rows are per-head interleaved [query_h (D); gate_h (D)], hence the 2D per head.
-        self.q_proj = dense(cfg.hidden_size, self.num_heads * self.head_dim * 2, **kw)
-        self.k_proj = dense(cfg.hidden_size, self.num_kv_heads * self.head_dim, **kw)
-        self.v_proj = dense(cfg.hidden_size, self.num_kv_heads * self.head_dim, **kw)
-        self.o_proj = dense(self.num_heads * self.head_dim, cfg.hidden_size, **kw)
+        self.q_proj = dense(cfg.hidden_size, self.num_heads * self.head_dim * 2, **kw, lora=cfg.lora_for("q_proj"))
+        self.k_proj = dense(cfg.hidden_size, self.num_kv_heads * self.head_dim, **kw, lora=cfg.lora_for("k_proj"))
+        self.v_proj = dense(cfg.hidden_size, self.num_kv_heads * self.head_dim, **kw, lora=cfg.lora_for("v_proj"))
+        self.o_proj = dense(self.num_heads * self.head_dim, cfg.hidden_size, **kw, lora=cfg.lora_for("o_proj"))
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 

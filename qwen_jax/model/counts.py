@@ -16,3 +16,9 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
     per_expert = 3 * config.hidden_size * config.moe_intermediate_size
     unused = config.num_hidden_layers * (config.num_experts - config.num_experts_per_tok) * per_expert
     return total, total - unused
+
+
+def adapter_count(config: ModelConfig) -> int:
+    """The LoRA adapters' parameters (all a LoRA run trains; 0 without LoRA)."""
+    model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))

@@ -81,8 +81,8 @@ class DecoderLayer(nnx.Module):
         if cfg.is_moe:
             self.mlp = SparseMoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype,
-                              param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                              init_std=cfg.initializer_range, rngs=rngs, lora_for=cfg.lora_for)
 
     def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None,
                  cache: dict | None) -> tuple[jax.Array, dict, dict | None]:

@@ -68,10 +68,10 @@ class GatedDeltaNet(nnx.Module):
         self.k_head_dim, self.v_head_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.chunk_size, self.scan = cfg.gdn_chunk_size, cfg.gdn_scan
         self.method = gdn_method(cfg)
-        self.in_proj_qkv = dense(cfg.hidden_size, cfg.conv_dim, **kw)
-        self.in_proj_z = dense(cfg.hidden_size, cfg.linear_value_dim, **kw)
-        self.in_proj_b = dense(cfg.hidden_size, self.num_v_heads, **kw)
-        self.in_proj_a = dense(cfg.hidden_size, self.num_v_heads, **kw)
+        self.in_proj_qkv = dense(cfg.hidden_size, cfg.conv_dim, **kw, lora=cfg.lora_for("in_proj_qkv"))
+        self.in_proj_z = dense(cfg.hidden_size, cfg.linear_value_dim, **kw, lora=cfg.lora_for("in_proj_z"))
+        self.in_proj_b = dense(cfg.hidden_size, self.num_v_heads, **kw, lora=cfg.lora_for("in_proj_b"))
+        self.in_proj_a = dense(cfg.hidden_size, self.num_v_heads, **kw, lora=cfg.lora_for("in_proj_a"))
         taps = cfg.linear_conv_kernel_dim
         # PyTorch's Conv1d default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = taps (depthwise).
         bound = 1.0 / math.sqrt(taps)
@@ -80,7 +80,7 @@ class GatedDeltaNet(nnx.Module):
         self.dt_bias = nnx.Param(jnp.ones((self.num_v_heads,), param_dtype))
         self.A_log = nnx.Param(_log_uniform_a(rngs.params(), (self.num_v_heads,), param_dtype))
         self.norm = GatedRMSNorm(self.v_head_dim, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.out_proj = dense(cfg.linear_value_dim, cfg.hidden_size, **kw)
+        self.out_proj = dense(cfg.linear_value_dim, cfg.hidden_size, **kw, lora=cfg.lora_for("out_proj"))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None,
                  cache: dict | None = None) -> tuple[jax.Array, dict | None]:

@@ -1,5 +1,7 @@
 """Dense SwiGLU feed-forward block."""
 
+from collections.abc import Callable
+
 import jax
 from flax import nnx
 
@@ -9,11 +11,13 @@ from qwen_jax.model.layers import dense
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)), no biases."""
 
-    def __init__(self, hidden: int, intermediate: int, *, dtype, param_dtype, init_std, rngs):
+    def __init__(self, hidden: int, intermediate: int, *, dtype, param_dtype, init_std, rngs,
+                 lora_for: Callable[[str], tuple | None] = lambda module: None):
+        """lora_for(projection name) -> its LoRA (rank, scale) or None (ModelConfig.lora_for)."""
         kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=init_std, rngs=rngs)
-        self.gate_proj = dense(hidden, intermediate, **kw)
-        self.up_proj = dense(hidden, intermediate, **kw)
-        self.down_proj = dense(intermediate, hidden, **kw)
+        self.gate_proj = dense(hidden, intermediate, **kw, lora=lora_for("gate_proj"))
+        self.up_proj = dense(hidden, intermediate, **kw, lora=lora_for("up_proj"))
+        self.down_proj = dense(intermediate, hidden, **kw, lora=lora_for("down_proj"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, H] -> [B, T, H]."""

@@ -250,6 +250,9 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     workdir = local_workdir(workdir)
     rl = rl_config(config)
     model_cfg = model_config(config)
+    if model_cfg.lora_rank:
+        raise ConfigError("model.lora_rank: LoRA adapters train under `qwen-jax train` (pretraining, SFT, DPO); "
+                          "the RL loop trains the whole model, so leave model.lora_rank at 0")
     workdir.mkdir(parents=True, exist_ok=True)
     env = make_env(rl.env, **rl.env_kwargs)
     tokenizer = load_or_train_tokenizer(

@@ -14,6 +14,7 @@ import ml_collections
 from qwen_jax.config import ConfigError
 from qwen_jax.experiment import local_workdir, model_config, train_config
 from qwen_jax.interop.init_from import keep_chat_files, load_init_params
+from qwen_jax.model.lora import join, split_adapters
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.checkpoint import Checkpointer, abstract_like, data_states, own_data_state
@@ -22,7 +23,7 @@ from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.reporting import WANDB_MODES, RunLogger
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token
 from qwen_jax.train.profiling import StepProfiler
-from qwen_jax.train.step import Trainer, host_layout_for, make_trainer
+from qwen_jax.train.step import Trainer, checkpointed, host_layout_for, make_trainer
 
 
 class TrainingError(RuntimeError):
@@ -62,23 +63,36 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
 
     abstract_state = abstract_like(jax.eval_shape(lambda: trainer.init_state(config.seed)), trainer.state_shardings)
-    # DPO's reference is the policy it starts from, frozen: read again from init_from on every (re)start.
-    reference = None
-    if data.pairs:  # build_run_data made sure init_from is set
+    # Read again from init_from on every (re)start: LoRA's base (every leaf but the adapters) and DPO's
+    # reference, the model the run starts from. With LoRA, that reference is the frozen base joined to the
+    # trained part as it starts (reference_part).
+    base = reference = reference_part = None
+    if trainer.lora:
+        if not config.init_from:
+            raise ConfigError("model.lora_rank trains adapters on a frozen base model: set init_from (an HF or "
+                              "qwen-jax model directory, or a checkpoint step)")
+        base = load_init_params(config.init_from, split_adapters(trainer.model_params(abstract_state))[0],
+                                model_cfg.param_dtype)
+        if data.pairs:
+            reference_part = lora_start(trainer, base, abstract_state)
+    elif data.pairs:  # build_run_data made sure init_from is set
         reference = jax.device_put(load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype),
                                    trainer.state_shardings["params"])
-    restored = checkpointer.restore_latest(abstract_state)
+    restored = checkpointer.restore_latest(checkpointed(abstract_state))
     if restored is not None:
         start, state, data_state, _ = restored
+        if base is not None:
+            state = {**state, "frozen": jax.device_put(trainer.split_base(base)[0], trainer.state_shardings["frozen"])}
         print(f"resumed from step {start}", flush=True)
         data.iterator.set_state(own_data_state(data_state))
     else:
         start = 0
         # A copy: the step donates the state's buffers, and the reference must outlive them.
-        params = None if reference is None else jax.tree.map(jnp.array, reference)
+        params = base if reference is None else jax.tree.map(jnp.array, reference)
         if config.init_from and params is None:
             params = load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype)
         state = trainer.init_state(config.seed, params)
+    del base  # the state holds it now
     iterator, eval_batches = data.iterator, data.eval_batches
 
     if jax.process_index() == 0:
@@ -97,11 +111,17 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                             lambda: trainer.step_fn.lower(state, batch).compile().as_text())
     if missed := profiler.missed(start + 1, train_cfg.steps):
         logger.note(missed)
+    if trainer.lora:
+        sizes = {part: sum(x.size for x in jax.tree.leaves(state[part])) for part in ("params", "frozen")}
+        logger.note(f"LoRA rank {model_cfg.lora_rank}: training {sizes['params']:,} adapter parameters; the "
+                    f"base's {sizes['frozen']:,} are frozen")
 
     for step in range(start, train_cfg.steps):
         done = step + 1
         profiler.before_step(done)
         started = time.perf_counter()
+        if reference_part is not None:
+            reference = trainer.model_params(state, reference_part)
         batch = trainer.with_reference(trainer.global_batch(next(iterator)), reference)
         state, metrics = trainer.step_fn(state, batch)
         metrics = jax.device_get(metrics)
@@ -116,7 +136,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                "perf/mfu": flops_per_token * tokens_per_step / elapsed / peak,
                **{f"data/skipped/{reason}": n for reason, n in data.skipped_now().items()}}
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-            row.update(evaluate(trainer, state["params"], eval_batches, reference))
+            if reference_part is not None:
+                reference = trainer.model_params(state, reference_part)
+            row.update(evaluate(trainer, trainer.model_params(state), eval_batches, reference))
         logger.log(row, log=done % train_cfg.log_every == 0 or done == train_cfg.steps)
         if int(metrics["learning/bad_streak"]) >= train_cfg.max_bad_steps:
             checkpointer.wait()
@@ -127,13 +149,20 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                 f"non-finite loss or gradient (train.max_bad_steps={train_cfg.max_bad_steps}); the "
                 "parameters were never updated with them")
         if done % config.checkpoint.every_steps == 0 or done == train_cfg.steps:
-            checkpointer.save(done, state, data_states(iterator.get_state()),
+            checkpointer.save(done, checkpointed(state), data_states(iterator.get_state()),
                               {"step": done, "tokens": done * tokens_per_step})
     profiler.stop()  # the run ended inside the window
     checkpointer.wait()
     checkpointer.close()
     data.close()
     return logger.close()
+
+
+def lora_start(trainer: Trainer, base: dict, abstract_state: dict) -> dict:
+    """A LoRA run's trained part as it starts: zero adapters (the init's B is zero, its A is not), and the
+    lora_also_train modules as in `base`; joined to the frozen base, the model the run starts from."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), split_adapters(abstract_state["params"])[1])
+    return jax.device_put(join(trainer.split_base(base)[1], zeros), trainer.state_shardings["params"])
 
 
 def evaluate(trainer: Trainer, params, batches: list[dict], reference=None) -> dict[str, float]:

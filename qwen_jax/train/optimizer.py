@@ -11,8 +11,8 @@ from jax import lax
 
 from qwen_jax.config import TrainConfig
 
-# Only matmul weights decay; norms, A_log, dt_bias (and biases, if any) do not.
-DECAYED_LEAVES = ("kernel", "embedding", "conv_weight")
+# Only matmul weights (LoRA's factors too) decay; norms, A_log, dt_bias (and biases, if any) do not.
+DECAYED_LEAVES = ("kernel", "embedding", "conv_weight", "lora_a", "lora_b")
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:

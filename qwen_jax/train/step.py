@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
 from qwen_jax.model.decoder import Qwen35ForCausalLM
+from qwen_jax.model.lora import check_also_train, join, split_adapters, split_trained
 from qwen_jax.ops.cross_entropy import chunked_cross_entropy
 from qwen_jax.parallel.hosts import HostBatchLayout, host_batch_layout
 from qwen_jax.parallel.rules import activation_sharding, hashable_rules, param_shardings, spec_for
@@ -45,17 +46,40 @@ class Trainer:
     batch_axes: dict[str, tuple]  # each batch key's logical axes (TEXT_BATCH_AXES, ...)
     host_layout: HostBatchLayout  # the rows and tokens of every batch this host feeds
     step_fn: Any
-    eval_fn: Any  # (params, batch) -> ({"eval/loss": sum, ...}, count): the means' sums and their count
+    eval_fn: Any  # (model params, batch) -> ({"eval/loss": sum, ...}, count): the means' sums and their count
     reference_fn: Any = None  # DPO: (reference params, batch) -> the reference's token log-probs [B, T]
 
+    @property
+    def lora(self) -> bool:
+        """Whether the state trains LoRA adapters (and model.lora_also_train's modules: state["params"]) on a
+        frozen base (state["frozen"])."""
+        return self.model_config.lora_rank > 0
+
     def init_state(self, seed: int, params=None) -> dict:
-        """A fresh state (random params from `seed`, or the given params), sharded over the mesh."""
+        """A fresh state (random params from `seed`, or the given params: with LoRA, the base, every leaf but
+        the adapters, which always start fresh), sharded over the mesh."""
         def build(params):
-            if params is None:
-                model = Qwen35ForCausalLM(self.model_config, rngs=nnx.Rngs(seed))
-                params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            return new_state(params, self.optimizer, seed)
+            if params is not None and not self.lora:
+                return new_state(params, self.optimizer, seed)
+            model = Qwen35ForCausalLM(self.model_config, rngs=nnx.Rngs(seed))
+            fresh = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            if not self.lora:
+                return new_state(fresh, self.optimizer, seed)
+            base, adapters = split_adapters(fresh)
+            frozen, trained = self.split_base(base if params is None else params)
+            return {**new_state(join(trained, adapters), self.optimizer, seed), "frozen": frozen}
         return jax.jit(build, out_shardings=self.state_shardings)(params)
+
+    def split_base(self, base: dict) -> tuple[dict, dict]:
+        """A LoRA run's base params -> (what stays frozen, what it trains whole: model.lora_also_train)."""
+        return split_trained(base, self.model_config.lora_also_train)
+
+    def model_params(self, state: dict, adapters=None) -> dict:
+        """The whole params tree of the model `state` trains: with LoRA, its frozen base joined with its
+        adapters (or with `adapters`, e.g. zeros for the base model alone)."""
+        if not self.lora:
+            return state["params"]
+        return join(state["frozen"], state["params"] if adapters is None else adapters)
 
     def global_batch(self, local_batch: dict) -> dict:
         """This host's rows [b, T, ...] (its row block, `host_layout`) -> global arrays [B, T, ...]
@@ -80,6 +104,12 @@ class Trainer:
         if self.reference_fn is None:
             return batch
         return {**batch, "ref_logprobs": self.reference_fn(reference_params, batch)}
+
+
+def checkpointed(state: dict) -> dict:
+    """What a checkpoint holds of a train state: all of it but a LoRA run's frozen base, which every (re)start
+    reads again from init_from."""
+    return {key: value for key, value in state.items() if key != "frozen"}
 
 
 def new_state(params, optimizer, seed: int) -> dict:
@@ -149,8 +179,13 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
     """One optimizer step over the global batch (grad accumulation over cfg.grad_accum micro-batches).
 
     loss(params, graphdef, micro_batch, cfg, normaliser) -> (loss, parts with "ce", "aux", "expert_load" and
-    any further metrics); count(batch) -> the normaliser (default: the cross-entropy's, per learned token)."""
+    any further metrics); count(batch) -> the normaliser (default: the cross-entropy's, per learned token).
+    With a frozen base in the state (LoRA), only state["params"], the adapters, are differentiated."""
     normaliser = jnp.maximum(count(batch), 1.0)
+    frozen = state.get("frozen")
+    if frozen is not None:
+        model_loss = loss
+        loss = lambda adapters, *args: model_loss(join(frozen, adapters), *args)  # noqa: E731
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
@@ -181,6 +216,8 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
         "skipped_steps": state["skipped_steps"] + (~finite),
         "bad_streak": jnp.where(finite, 0, state["bad_streak"] + 1),
     }
+    if frozen is not None:
+        new["frozen"] = frozen
     metrics = {"learning/loss": parts["ce"], "learning/total_loss": total_loss,
                "learning/grad_norm": grad_norm, "learning/lr": lr,
                "learning/moe_lb_loss": parts["aux"], "learning/skipped_steps": new["skipped_steps"],
@@ -215,7 +252,14 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     rules = hashable_rules(rules)
     graphdef, params = abstract_params(model_config)
     optimizer = make_optimizer(train_config)
-    shardings = state_shardings_for(params, optimizer, mesh, rules)
+    model_shardings = param_shardings(params, mesh, rules)
+    if model_config.lora_rank:
+        check_also_train(params, model_config.lora_also_train)
+        frozen, trained = split_trained(params, model_config.lora_also_train)
+        shardings = {**state_shardings_for(trained, optimizer, mesh, rules),
+                     "frozen": param_shardings(frozen, mesh, rules)}
+    else:
+        shardings = state_shardings_for(params, optimizer, mesh, rules)
     batch_axes = VIDEO_BATCH_AXES if videos else IMAGE_BATCH_AXES if images else TEXT_BATCH_AXES
     if dpo:
         batch_axes = {**batch_axes, "ref_logprobs": ("batch", "length")}
@@ -243,12 +287,11 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
 
     step_fn = jax.jit(step, in_shardings=(shardings, batch_shardings),
                       out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(evaluate, in_shardings=(shardings["params"], batch_shardings),
-                      out_shardings=replicated)
+    eval_fn = jax.jit(evaluate, in_shardings=(model_shardings, batch_shardings), out_shardings=replicated)
     reference_fn = None
     if dpo:
         scored = {key: value for key, value in batch_shardings.items() if key != "ref_logprobs"}
-        reference_fn = jax.jit(reference, in_shardings=(shardings["params"], scored),
+        reference_fn = jax.jit(reference, in_shardings=(model_shardings, scored),
                                out_shardings=batch_shardings["ref_logprobs"])
     return Trainer(model_config, train_config, mesh, rules, graphdef, optimizer, shardings,
                    batch_shardings, batch_axes, host_layout_for(mesh, rules, train_config), step_fn,
