@@ -113,8 +113,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         logger.note(missed)
     if trainer.lora:
         sizes = {part: sum(x.size for x in jax.tree.leaves(state[part])) for part in ("params", "frozen")}
-        logger.note(f"LoRA rank {model_cfg.lora_rank}: training {sizes['params']:,} adapter parameters; the "
-                    f"base's {sizes['frozen']:,} are frozen")
+        trained = ", ".join(("adapters",) + model_cfg.lora_also_train)
+        logger.note(f"LoRA rank {model_cfg.lora_rank}: training {sizes['params']:,} parameters ({trained}), "
+                    f"{sizes['frozen']:,} frozen")
 
     for step in range(start, train_cfg.steps):
         done = step + 1

@@ -74,12 +74,12 @@ class Trainer:
         """A LoRA run's base params -> (what stays frozen, what it trains whole: model.lora_also_train)."""
         return split_trained(base, self.model_config.lora_also_train)
 
-    def model_params(self, state: dict, adapters=None) -> dict:
-        """The whole params tree of the model `state` trains: with LoRA, its frozen base joined with its
-        adapters (or with `adapters`, e.g. zeros for the base model alone)."""
+    def model_params(self, state: dict, trained=None) -> dict:
+        """The whole params tree of the model `state` trains: with LoRA, its frozen base joined to its trained
+        part (or to `trained`, e.g. that part as the run started)."""
         if not self.lora:
             return state["params"]
-        return join(state["frozen"], state["params"] if adapters is None else adapters)
+        return join(state["frozen"], state["params"] if trained is None else trained)
 
     def global_batch(self, local_batch: dict) -> dict:
         """This host's rows [b, T, ...] (its row block, `host_layout`) -> global arrays [B, T, ...]
@@ -180,12 +180,12 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer, cfg: TrainConfi
 
     loss(params, graphdef, micro_batch, cfg, normaliser) -> (loss, parts with "ce", "aux", "expert_load" and
     any further metrics); count(batch) -> the normaliser (default: the cross-entropy's, per learned token).
-    With a frozen base in the state (LoRA), only state["params"], the adapters, are differentiated."""
+    With a frozen base in the state (LoRA), only state["params"], the trained part, is differentiated."""
     normaliser = jnp.maximum(count(batch), 1.0)
     frozen = state.get("frozen")
     if frozen is not None:
         model_loss = loss
-        loss = lambda adapters, *args: model_loss(join(frozen, adapters), *args)  # noqa: E731
+        loss = lambda trained, *args: model_loss(join(frozen, trained), *args)  # noqa: E731
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
