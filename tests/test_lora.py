@@ -3,6 +3,7 @@ merged weights, computes the same logits); a LoRA SFT run trains only the adapte
 checkpoints, resumes exactly and converts to HF merged; a LoRA DPO run's reference is its base."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -15,13 +16,15 @@ from transformers import Qwen3_5ForCausalLM
 from qwen_jax import Qwen35ForCausalLM, load_hf, preset, save_hf
 from qwen_jax.cli import main
 from qwen_jax.config import ConfigError, TrainConfig
-from qwen_jax.experiment import load_config
+from qwen_jax.experiment import load_config, model_config
+from qwen_jax.interop.native import save_model
 from qwen_jax.generate.loading import load_for_generation
 from qwen_jax.model.lora import ADAPTER_LEAVES, join, merge_adapters, split_adapters, split_trained
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.rl.loop import run_rl
 from qwen_jax.train.loop import run_training
+from qwen_jax.train.metrics import read_metrics
 from qwen_jax.train.step import make_trainer
 from resume_check import assert_resume_from_step_2_repeats_the_run
 
@@ -177,5 +180,31 @@ def test_lora_sft_and_dpo_runs_train_only_adapters_resume_exactly_and_convert(tm
 
     with pytest.raises(ConfigError, match="set init_from"):
         run_training(load_config("configs/sft_tiny.py", small + ["model.lora_rank=4", sources]), tmp_path / "no_base")
-    with pytest.raises(ConfigError, match="RL loop trains the whole model"):
-        run_rl(load_config("configs/rl_tiny.py", ["model.lora_rank=4"]), tmp_path / "rl")
+
+
+def test_a_lora_rl_run_starts_at_its_base_and_resumes_exactly(tmp_path, capsys):
+    small = ["wandb.mode=disabled", "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+             "rl.env_kwargs.max_operand=1", "rl.warmup_steps=0", "rl.lr=1e-2", "rl.groups=2", "rl.group_size=4",
+             "rl.max_new_tokens=3", "rl.max_length=24", "rl.eval_prompts=4", "rl.eval_every=100", "rl.steps=4",
+             "checkpoint.every_steps=2", "rl.kl_coef=0.1", "rl.minibatches=1"]
+    save_model(Qwen35ForCausalLM(model_config(load_config("configs/rl_tiny.py", small)), rngs=nnx.Rngs(3)),
+               tmp_path / "base")
+    config = load_config("configs/rl_tiny.py", small + ["model.lora_rank=4", f"init_from={tmp_path / 'base'}"])
+    workdir = tmp_path / "rl"
+    run_rl(config, workdir)
+    first = read_metrics(workdir / "metrics.jsonl")
+    assert first[0]["actor/kl"] < 1e-9  # the reference is the base, where the policy starts (up to rounding)
+    assert first[-1]["actor/kl"] > 1e-6
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    capsys.readouterr()
+    run_rl(config, workdir)
+    assert capsys.readouterr().out.startswith("resumed from step 2\n")
+    again = read_metrics(workdir / "metrics.jsonl")
+    for key in ("rewards/mean", "actor/loss", "actor/kl"):
+        assert [row[key] for row in again] == [row[key] for row in first], key
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.restore((workdir / "checkpoints" / "4" / "state").absolute())
+    assert leaf_names(saved["params"]) == set(ADAPTER_LEAVES) and "reference" not in saved
+    with pytest.raises(ConfigError, match="rl.warmup_steps trains the whole model"):
+        run_rl(load_config("configs/rl_tiny.py", small + ["model.lora_rank=4", "rl.warmup_steps=2",
+                                                         f"init_from={tmp_path / 'base'}"]), tmp_path / "warm")

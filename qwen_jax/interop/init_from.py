@@ -32,7 +32,8 @@ def source_kind(path: str | Path) -> str:
 
 def load_init_params(path: str | Path, abstract_params: dict, param_dtype) -> dict:
     """The params of `path` as a pure dict, each checked against abstract_params' (ShapeDtypeStructs,
-    sharded or not) shape. A checkpoint gives its params only: its optimizer state is not read."""
+    sharded or not) shape and placed as its sharding, if it has one. A checkpoint gives its params only: its
+    optimizer state is not read."""
     from qwen_jax.interop.hf import load_hf
     from qwen_jax.interop.native import load_model
 
@@ -49,7 +50,12 @@ def load_init_params(path: str | Path, abstract_params: dict, param_dtype) -> di
             wanted = "no such parameter" if want is None else f"the configured model expects {want.shape}"
             raise ConfigError(f"init_from {path}: parameter {jax.tree_util.keystr(key)} has shape "
                               f"{got.shape}; {wanted}")
-    return params
+
+    def place(key, x):  # as the target says where it says (a model directory loads onto one device)
+        sharding = getattr(expected[key], "sharding", None)
+        return x if sharding is None else jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map_with_path(place, params)
 
 
 def _restore_params(state_dir: Path, abstract_params: dict) -> dict:

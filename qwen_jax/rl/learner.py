@@ -11,7 +11,8 @@ the trainer's numerics (or a few updates) moved a top-k boundary, which would ch
 logprob by far more than rounding (rollout routing replay, R3, as verl and Megatron ship it).
 
 On a mesh the learner is the trainer's: params and optimizer moments sharded by the logical-axis
-rules, episode rows over the batch axes (`Learner.place`), activations constrained the same way.
+rules, episode rows over the batch axes (`Learner.place`), activations constrained the same way. A LoRA
+state (state["frozen"] beside the trained state["params"]) is updated in its trained part only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.parallel.rules import activation_sharding, hashable_rules, spec_for
 from qwen_jax.rl.losses import PolicyLossConfig, policy_objective, token_entropy
+from qwen_jax.train.step import model_params
 
 
 def sequence_logprobs(params, graphdef, tokens, segment_ids, temperature: float, routing=None):
@@ -87,8 +89,11 @@ def make_learner(graphdef, optimizer: optax.GradientTransformation, loss: Policy
                                 entropy=entropy)  # for actor/entropy even without the bonus
 
     def update(state, batch):
+        def trained_objective(trained, batch):  # a LoRA state's frozen base is held fixed
+            return objective(model_params({**state, "params": trained}), batch)
+
         with activation_sharding(mesh, rules):
-            (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+            (value, metrics), grads = jax.value_and_grad(trained_objective, has_aux=True)(
                 state["params"], batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)

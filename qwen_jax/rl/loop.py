@@ -35,6 +35,7 @@ from qwen_jax.data.chat import chat_formats, load_chat_template
 from qwen_jax.data.tokenizer import load_or_train_tokenizer, pad_id, stop_ids
 from qwen_jax.experiment import local_workdir, model_config
 from qwen_jax.interop.init_from import keep_chat_files, load_init_params, tokenizer_dir, tokenizer_file
+from qwen_jax.model.lora import split_adapters
 from qwen_jax.rl.advantages import compute_advantages
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import hashable_rules
@@ -49,7 +50,8 @@ from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.loop import rules_from_config
 from qwen_jax.train.optimizer import make_optimizer
 from qwen_jax.train.reporting import RunLogger
-from qwen_jax.train.step import abstract_params, new_state, state_shardings_for
+from qwen_jax.train.step import (abstract_params, checkpointed, lora_start, model_params, run_state_shardings,
+                                 start_state, with_frozen)
 
 EVAL_SEED_BASE = 10**9  # held-out prompts: seeds no training step reaches
 
@@ -174,7 +176,7 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
     """One RL step; -> (new state, metrics row)."""
     stop, padding = stop_ids(tokenizer), pad_id(tokenizer)
     started = time.perf_counter()
-    policy = nnx.merge(learner.graphdef, state["params"])
+    policy = nnx.merge(learner.graphdef, model_params(state))
     episodes = play_episodes(policy, tokenizer, pool, step_seeds(rl, step),
                              max_new_tokens=rl.max_new_tokens, max_turns=rl.max_turns,
                              max_length=rl.max_length, temperature=rl.temperature,
@@ -191,8 +193,7 @@ def rollout_step(state, learner: Learner, reference, tokenizer, pool, rl: RLConf
 
     started = time.perf_counter()
     routing = episodes.routing if rl.routing_replay else None
-    batch = _update_batch(episodes, advantages.reshape(-1), routing, learner, state["params"],
-                          reference)
+    batch = _update_batch(episodes, advantages.reshape(-1), routing, learner, model_params(state), reference)
     mask = episodes.loss_mask
     mismatch = float(np.sum(np.abs(batch["old_logprobs"] - episodes.sampler_logprobs) * mask)
                      / max(mask.sum(), 1.0))
@@ -250,9 +251,12 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     workdir = local_workdir(workdir)
     rl = rl_config(config)
     model_cfg = model_config(config)
-    if model_cfg.lora_rank:
-        raise ConfigError("model.lora_rank: LoRA adapters train under `qwen-jax train` (pretraining, SFT, DPO); "
-                          "the RL loop trains the whole model, so leave model.lora_rank at 0")
+    lora = model_cfg.lora_rank > 0
+    if lora and not config.init_from:
+        raise ConfigError("model.lora_rank trains adapters on a frozen base model: set init_from")
+    if lora and rl.warmup_steps:
+        raise ConfigError("rl.warmup_steps trains the whole model; with model.lora_rank, fine-tune it with "
+                          "`qwen-jax train` first and give that checkpoint as init_from")
     workdir.mkdir(parents=True, exist_ok=True)
     env = make_env(rl.env, **rl.env_kwargs)
     tokenizer = load_or_train_tokenizer(
@@ -260,30 +264,41 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
         model_cfg.vocab_size, source=tokenizer_file(config.init_from))
     keep_chat_files(config.init_from, workdir)
     rl = with_chat_formats(rl, config.init_from, tokenizer, getattr(env, "tools", ()))
-    graphdef, shapes = abstract_params(model_cfg)
+    graphdef, model_shapes = abstract_params(model_cfg)
+    shapes = split_adapters(model_shapes)[0]  # what init_from and the warm-up give (LoRA's adapters start fresh)
     optimizer = make_optimizer(TrainConfig(lr=rl.lr, warmup_steps=0, schedule="constant",
                                            steps=rl.steps * rl.minibatches, weight_decay=0.0))
     mesh, rules = make_mesh(dict(config.mesh)), hashable_rules(rules_from_config(config))
-    shardings = state_shardings_for(shapes, optimizer, mesh, rules)
-    if rl.kl_coef:
+    shardings = run_state_shardings(model_cfg, model_shapes, optimizer, mesh, rules)
+    if rl.kl_coef and not lora:
         shardings["reference"] = shardings["params"]
     learner = make_learner(graphdef, optimizer, rl.loss, rl.temperature, mesh, rules, shardings)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
 
     def fresh_state(params):
-        state = new_state(params, optimizer, config.seed)
-        # The frozen reference rides in the state (and checkpoints) only when the KL term is on.
-        return {**state, "reference": params} if rl.kl_coef else state
+        state = start_state(model_cfg, optimizer, config.seed, params)
+        # The frozen reference rides in the state (and checkpoints) only when the KL term is on. A LoRA run's
+        # is its base, which the state holds already (reference_part, below).
+        return {**state, "reference": params} if rl.kl_coef and not lora else state
 
-    restored = checkpointer.restore_latest(
-        abstract_like(jax.eval_shape(fresh_state, shapes), shardings))
+    abstract = abstract_like(jax.eval_shape(fresh_state, shapes), shardings)
+    # A LoRA run reads its base from init_from on every (re)start; its reference is that base joined to the
+    # trained part as it starts.
+    base = reference_part = None
+    if lora:
+        base = load_init_params(config.init_from, split_adapters(model_params(abstract))[0], model_cfg.param_dtype)
+        if rl.kl_coef:
+            reference_part = jax.device_put(lora_start(model_cfg, base, abstract["params"]), shardings["params"])
+    restored = checkpointer.restore_latest(checkpointed(abstract))
     if restored is not None:
         start, state, _, _ = restored
+        if lora:
+            state = with_frozen(state, model_cfg, base, shardings["frozen"])
         print(f"resumed from step {start}", flush=True)
     else:
         start = 0
-        params = None
-        if config.init_from:
+        params = base
+        if config.init_from and params is None:
             # Placed as the state's where RL starts from them; unplaced where the warm-up (on this
             # host's first device) trains them first.
             target = shapes if rl.warmup_steps else abstract_like(shapes, shardings["params"])
@@ -293,6 +308,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
         # Placed as a restored state is, so a resumed run runs the very programs an uninterrupted
         # one compiled (and finds them in a compilation cache).
         state = jax.jit(fresh_state, out_shardings=shardings)(params)
+    del base  # the state holds it now
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(
             {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
@@ -303,20 +319,20 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     with shared_pool(rl.env, rl.groups * rl.group_size, mode=rl.pool_mode,
                      timeout_s=rl.env_timeout_s, env_kwargs=rl.env_kwargs) as pool:
         for step in range(start, rl.steps):
-            before = (greedy_accuracy(state["params"], learner, tokenizer, rl) if step == 0
+            before = (greedy_accuracy(model_params(state), learner, tokenizer, rl) if step == 0
                       else None)
             started = time.perf_counter()
-            state, row = rollout_step(state, learner, state.get("reference"), tokenizer, pool, rl,
-                                      step, config.seed)
+            reference = state.get("reference") if reference_part is None else model_params(state, reference_part)
+            state, row = rollout_step(state, learner, reference, tokenizer, pool, rl, step, config.seed)
             done = step + 1
             row = {"step": done, **row, "perf/step_time_s": time.perf_counter() - started}
             if before is not None:  # the warmed-up policy, before any RL update
                 row["eval/accuracy_before_rl"] = before
             if done % rl.eval_every == 0 or done == rl.steps:
-                row["eval/accuracy"] = greedy_accuracy(state["params"], learner, tokenizer, rl)
+                row["eval/accuracy"] = greedy_accuracy(model_params(state), learner, tokenizer, rl)
             logger.log(row)
             if done % config.checkpoint.every_steps == 0 or done == rl.steps:
-                checkpointer.save(done, state, {"next_step": done}, {"step": done})
+                checkpointer.save(done, checkpointed(state), {"next_step": done}, {"step": done})
     checkpointer.wait()
     checkpointer.close()
     return logger.close()

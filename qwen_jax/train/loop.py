@@ -14,7 +14,7 @@ import ml_collections
 from qwen_jax.config import ConfigError
 from qwen_jax.experiment import local_workdir, model_config, train_config
 from qwen_jax.interop.init_from import keep_chat_files, load_init_params
-from qwen_jax.model.lora import join, split_adapters
+from qwen_jax.model.lora import split_adapters
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.checkpoint import Checkpointer, abstract_like, data_states, own_data_state
@@ -23,7 +23,8 @@ from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.reporting import WANDB_MODES, RunLogger
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token
 from qwen_jax.train.profiling import StepProfiler
-from qwen_jax.train.step import Trainer, checkpointed, host_layout_for, make_trainer
+from qwen_jax.train.step import (Trainer, checkpointed, host_layout_for, lora_start, make_trainer, model_params,
+                                 with_frozen)
 
 
 class TrainingError(RuntimeError):
@@ -71,10 +72,11 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         if not config.init_from:
             raise ConfigError("model.lora_rank trains adapters on a frozen base model: set init_from (an HF or "
                               "qwen-jax model directory, or a checkpoint step)")
-        base = load_init_params(config.init_from, split_adapters(trainer.model_params(abstract_state))[0],
+        base = load_init_params(config.init_from, split_adapters(model_params(abstract_state))[0],
                                 model_cfg.param_dtype)
         if data.pairs:
-            reference_part = lora_start(trainer, base, abstract_state)
+            reference_part = jax.device_put(lora_start(model_cfg, base, abstract_state["params"]),
+                                            trainer.state_shardings["params"])
     elif data.pairs:  # build_run_data made sure init_from is set
         reference = jax.device_put(load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype),
                                    trainer.state_shardings["params"])
@@ -82,7 +84,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     if restored is not None:
         start, state, data_state, _ = restored
         if base is not None:
-            state = {**state, "frozen": jax.device_put(trainer.split_base(base)[0], trainer.state_shardings["frozen"])}
+            state = with_frozen(state, model_cfg, base, trainer.state_shardings["frozen"])
         print(f"resumed from step {start}", flush=True)
         data.iterator.set_state(own_data_state(data_state))
     else:
@@ -122,7 +124,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         profiler.before_step(done)
         started = time.perf_counter()
         if reference_part is not None:
-            reference = trainer.model_params(state, reference_part)
+            reference = model_params(state, reference_part)
         batch = trainer.with_reference(trainer.global_batch(next(iterator)), reference)
         state, metrics = trainer.step_fn(state, batch)
         metrics = jax.device_get(metrics)
@@ -138,8 +140,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                **{f"data/skipped/{reason}": n for reason, n in data.skipped_now().items()}}
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
             if reference_part is not None:
-                reference = trainer.model_params(state, reference_part)
-            row.update(evaluate(trainer, trainer.model_params(state), eval_batches, reference))
+                reference = model_params(state, reference_part)
+            row.update(evaluate(trainer, model_params(state), eval_batches, reference))
         logger.log(row, log=done % train_cfg.log_every == 0 or done == train_cfg.steps)
         if int(metrics["learning/bad_streak"]) >= train_cfg.max_bad_steps:
             checkpointer.wait()
@@ -157,13 +159,6 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     checkpointer.close()
     data.close()
     return logger.close()
-
-
-def lora_start(trainer: Trainer, base: dict, abstract_state: dict) -> dict:
-    """A LoRA run's trained part as it starts: zero adapters (the init's B is zero, its A is not), and the
-    lora_also_train modules as in `base`; joined to the frozen base, the model the run starts from."""
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), split_adapters(abstract_state["params"])[1])
-    return jax.device_put(join(trainer.split_base(base)[1], zeros), trainer.state_shardings["params"])
 
 
 def evaluate(trainer: Trainer, params, batches: list[dict], reference=None) -> dict[str, float]:

@@ -56,30 +56,9 @@ class Trainer:
         return self.model_config.lora_rank > 0
 
     def init_state(self, seed: int, params=None) -> dict:
-        """A fresh state (random params from `seed`, or the given params: with LoRA, the base, every leaf but
-        the adapters, which always start fresh), sharded over the mesh."""
-        def build(params):
-            if params is not None and not self.lora:
-                return new_state(params, self.optimizer, seed)
-            model = Qwen35ForCausalLM(self.model_config, rngs=nnx.Rngs(seed))
-            fresh = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            if not self.lora:
-                return new_state(fresh, self.optimizer, seed)
-            base, adapters = split_adapters(fresh)
-            frozen, trained = self.split_base(base if params is None else params)
-            return {**new_state(join(trained, adapters), self.optimizer, seed), "frozen": frozen}
-        return jax.jit(build, out_shardings=self.state_shardings)(params)
-
-    def split_base(self, base: dict) -> tuple[dict, dict]:
-        """A LoRA run's base params -> (what stays frozen, what it trains whole: model.lora_also_train)."""
-        return split_trained(base, self.model_config.lora_also_train)
-
-    def model_params(self, state: dict, trained=None) -> dict:
-        """The whole params tree of the model `state` trains: with LoRA, its frozen base joined to its trained
-        part (or to `trained`, e.g. that part as the run started)."""
-        if not self.lora:
-            return state["params"]
-        return join(state["frozen"], state["params"] if trained is None else trained)
+        """start_state, sharded over the mesh."""
+        return jax.jit(lambda params: start_state(self.model_config, self.optimizer, seed, params),
+                       out_shardings=self.state_shardings)(params)
 
     def global_batch(self, local_batch: dict) -> dict:
         """This host's rows [b, T, ...] (its row block, `host_layout`) -> global arrays [B, T, ...]
@@ -106,6 +85,42 @@ class Trainer:
         return {**batch, "ref_logprobs": self.reference_fn(reference_params, batch)}
 
 
+def start_state(model_config: ModelConfig, optimizer, seed: int, params=None) -> dict:
+    """A run's first state: new_state of `params` (default: random from `seed`). With LoRA, `params` is the
+    base (every leaf but the adapters; default random too): fresh adapters and the model.lora_also_train
+    modules are the trained state["params"], the rest is held as state["frozen"]."""
+    if params is not None and not model_config.lora_rank:
+        return new_state(params, optimizer, seed)
+    model = Qwen35ForCausalLM(model_config, rngs=nnx.Rngs(seed))
+    fresh = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if not model_config.lora_rank:
+        return new_state(fresh, optimizer, seed)
+    base, adapters = split_adapters(fresh)
+    frozen, trained = split_trained(base if params is None else params, model_config.lora_also_train)
+    return {**new_state(join(trained, adapters), optimizer, seed), "frozen": frozen}
+
+
+def model_params(state: dict, trained=None) -> dict:
+    """The whole params tree of the model a state trains: with LoRA, its frozen base joined to its trained
+    part (or to `trained`, e.g. that part as the run started)."""
+    if "frozen" not in state:
+        return state["params"]
+    return join(state["frozen"], state["params"] if trained is None else trained)
+
+
+def lora_start(model_config: ModelConfig, base: dict, abstract_trained: dict) -> dict:
+    """A LoRA run's trained part as it starts: zero adapters (the init's B is zero, its A is not), and the
+    lora_also_train modules as in `base`; joined to the frozen base, the model the run starts from (DPO's and
+    RL's reference)."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), split_adapters(abstract_trained)[1])
+    return join(split_trained(base, model_config.lora_also_train)[1], zeros)
+
+
+def with_frozen(state: dict, model_config: ModelConfig, base: dict, sharding) -> dict:
+    """A restored LoRA state (checkpoints hold no frozen base) with `base`'s frozen part, placed as `sharding`."""
+    return {**state, "frozen": jax.device_put(split_trained(base, model_config.lora_also_train)[0], sharding)}
+
+
 def checkpointed(state: dict) -> dict:
     """What a checkpoint holds of a train state: all of it but a LoRA run's frozen base, which every (re)start
     reads again from init_from."""
@@ -128,6 +143,16 @@ def abstract_params(model_config: ModelConfig):
     model = nnx.eval_shape(lambda: Qwen35ForCausalLM(model_config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
+
+
+def run_state_shardings(model_config: ModelConfig, params, optimizer, mesh: Mesh, rules) -> dict:
+    """state_shardings_for the whole model's (abstract) params; with LoRA, for its trained part, and the frozen
+    base's as "frozen"."""
+    if not model_config.lora_rank:
+        return state_shardings_for(params, optimizer, mesh, rules)
+    check_also_train(params, model_config.lora_also_train)
+    frozen, trained = split_trained(params, model_config.lora_also_train)
+    return {**state_shardings_for(trained, optimizer, mesh, rules), "frozen": param_shardings(frozen, mesh, rules)}
 
 
 def state_shardings_for(params, optimizer, mesh: Mesh, rules):
@@ -253,13 +278,7 @@ def make_trainer(model_config: ModelConfig, train_config: TrainConfig, mesh: Mes
     graphdef, params = abstract_params(model_config)
     optimizer = make_optimizer(train_config)
     model_shardings = param_shardings(params, mesh, rules)
-    if model_config.lora_rank:
-        check_also_train(params, model_config.lora_also_train)
-        frozen, trained = split_trained(params, model_config.lora_also_train)
-        shardings = {**state_shardings_for(trained, optimizer, mesh, rules),
-                     "frozen": param_shardings(frozen, mesh, rules)}
-    else:
-        shardings = state_shardings_for(params, optimizer, mesh, rules)
+    shardings = run_state_shardings(model_config, params, optimizer, mesh, rules)
     batch_axes = VIDEO_BATCH_AXES if videos else IMAGE_BATCH_AXES if images else TEXT_BATCH_AXES
     if dpo:
         batch_axes = {**batch_axes, "ref_logprobs": ("batch", "length")}
