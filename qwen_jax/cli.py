@@ -100,21 +100,27 @@ def cmd_info(args, overrides) -> None:
 
 def cmd_convert(args, overrides) -> None:
     """HF directory -> qwen-jax model directory, or back; a qwen-jax workdir (or one of its checkpoint steps)
-    -> HF directory, a LoRA run's adapters merged into its base."""
-    from qwen_jax.generate.loading import load_for_generation
+    -> HF directory (a LoRA run's adapters merged into its base), or its LoRA adapters -> PEFT adapter."""
+    from qwen_jax.generate.loading import load_run_model
     from qwen_jax.interop.hf import load_hf, save_hf
     from qwen_jax.interop.native import load_model, save_model
+    from qwen_jax.interop.peft import save_peft
 
     source = getattr(args, "from")
+    run = source and ((Path(source) / "checkpoints").is_dir() or (Path(source) / "state").is_dir())
     if args.from_hf and args.to:
         save_model(load_hf(args.from_hf, dtype=args.dtype), args.to)
         print(f"converted {args.from_hf} -> {args.to}")
     elif source and args.to_hf:
-        run = (Path(source) / "checkpoints").is_dir() or (Path(source) / "state").is_dir()
-        save_hf(load_for_generation(source)[0] if run else load_model(source), args.to_hf)
+        save_hf(load_run_model(source) if run else load_model(source), args.to_hf)
         print(f"converted {source} -> {args.to_hf}")
+    elif source and args.to_peft:
+        model = load_run_model(source, merge=False) if run else load_model(source)
+        save_peft(model, args.to_peft)
+        print(f"wrote the LoRA adapters of {source} to {args.to_peft}")
     else:
-        raise SystemExit("error: use --from-hf=DIR --to=DIR  or  --from=DIR|WORKDIR --to-hf=DIR")
+        raise SystemExit("error: use --from-hf=DIR --to=DIR  or  --from=DIR|WORKDIR --to-hf=DIR  or  "
+                         "--from=WORKDIR --to-peft=DIR")
 
 
 def cmd_bench(args, overrides) -> None:
@@ -239,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to")
     convert.add_argument("--from", dest="from")
     convert.add_argument("--to-hf", dest="to_hf")
+    convert.add_argument("--to-peft", dest="to_peft", help="a LoRA run's adapters, as a PEFT adapter directory")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     convert.set_defaults(run=cmd_convert)
 

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 from flax import nnx
+from peft import PeftModel
 from transformers import Qwen3_5ForCausalLM
 
 from qwen_jax import Qwen35ForCausalLM, load_hf, preset, save_hf
@@ -18,6 +19,7 @@ from qwen_jax.cli import main
 from qwen_jax.config import ConfigError, TrainConfig
 from qwen_jax.experiment import load_config, model_config
 from qwen_jax.interop.native import save_model
+from qwen_jax.interop.peft import save_peft
 from qwen_jax.generate.loading import load_for_generation
 from qwen_jax.model.lora import ADAPTER_LEAVES, join, merge_adapters, split_adapters, split_trained
 from qwen_jax.parallel.mesh import make_mesh
@@ -82,6 +84,20 @@ def test_an_adapted_model_is_its_base_plus_the_low_rank_updates(tmp_path):
     reference = Qwen3_5ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     with torch.no_grad():
         theirs = reference(torch.as_tensor(ids)).logits.numpy()
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5
+
+    # PEFT puts the adapters, written in its layout, onto the HF base, and computes the same logits.
+    save_hf(plain, tmp_path / "base")
+    save_peft(adapted, tmp_path / "adapter")
+    base = Qwen3_5ForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    peft_adapted = {name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters()
+                    if ".lora_A." in name}
+    assert peft_adapted == {"q_proj", "in_proj_qkv", "down_proj"}
+    assert sum(".lora_A." in name for name, _ in peft_model.named_parameters()) == sum(
+        np.prod(leaf.shape[:-2]) for path, leaf in flat(adapters).items() if path[-1] == "lora_a")
+    with torch.no_grad():
+        theirs = peft_model(torch.as_tensor(ids)).logits.numpy()
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5
 
 
@@ -165,6 +181,15 @@ def test_lora_sft_and_dpo_runs_train_only_adapters_resume_exactly_and_convert(tm
     np.testing.assert_allclose(np.asarray(load_hf(tmp_path / "hf")(ids).logits), np.asarray(model(ids).logits),
                                rtol=1e-4, atol=1e-4)
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    # The adapters alone, as PEFT's, on the base exported to HF: the same model.
+    main(["convert", f"--from={base}", f"--to-hf={tmp_path / 'base_hf'}"])
+    main(["convert", f"--from={sft}", f"--to-peft={tmp_path / 'peft'}"])
+    peft_model = PeftModel.from_pretrained(Qwen3_5ForCausalLM.from_pretrained(tmp_path / "base_hf"), tmp_path / "peft")
+    with torch.no_grad():
+        theirs = peft_model.eval()(torch.as_tensor(ids), use_cache=False).logits.numpy()  # 2 GDN layers, no attention
+    np.testing.assert_allclose(theirs, np.asarray(model(ids).logits), rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit, match="no LoRA adapters"):
+        main(["convert", f"--from={base}", f"--to-peft={tmp_path / 'none'}"])
 
     # DPO with LoRA: the reference is the base (zero adapters), so the first step sits at log 2, and later
     # rewards (policy against reference) are not zero.

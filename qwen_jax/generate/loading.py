@@ -26,14 +26,14 @@ def load_for_generation(path: str | Path):
 
     path = Path(path)
     if (path / "state").is_dir():  # a checkpoint step: WORKDIR/checkpoints/<step>
-        return _load_workdir(path.parent.parent, path)
+        return _load_run(path)
     config_file = path / "config.json"
     if (path / CONFIG_FILE).exists():
         model, config = load_model(path), {}
     elif config_file.exists():
         config = json.loads(config_file.read_text())
         if "model" in config and (path / "checkpoints").is_dir():
-            return _load_workdir(path, None)
+            return _load_run(path)
         model = load_hf(path)
     else:
         raise ConfigError(f"--model={path}: no config.json; expected an HF directory, a `qwen-jax convert` "
@@ -52,15 +52,26 @@ def _tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_file(str(file))
 
 
-def _load_workdir(workdir: Path, step_dir: Path | None):
-    """The params of `step_dir` (default: the newest complete step) with the run's model config; a LoRA run's
-    adapters merged into the base it trained them on (its init_from): the plain model, which decodes faster."""
+def _load_run(path: Path):
+    """A run's model (load_run_model, adapters merged), its tokenizer and stop ids."""
+    from qwen_jax.data.tokenizer import stop_ids
+
+    model = load_run_model(path)
+    tokenizer = _tokenizer(Path(model.source_dir))
+    return model, tokenizer, stop_ids(tokenizer)
+
+
+def load_run_model(path: str | Path, *, merge: bool = True):
+    """A qwen-jax workdir (its newest complete step) or checkpoint step dir -> the model, with the run's model
+    config. A LoRA run's adapters go onto the base it trained them on (its init_from), merged into its kernels
+    (the plain model, which decodes faster) unless `merge` is False."""
     import orbax.checkpoint as ocp
 
-    from qwen_jax.data.tokenizer import stop_ids
     from qwen_jax.model.decoder import Qwen35ForCausalLM
     from qwen_jax.model.lora import without_adapters
 
+    path = Path(path)
+    workdir, step_dir = (path.parent.parent, path) if (path / "state").is_dir() else (path, None)
     if step_dir is None:
         with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
             step = manager.latest_step()  # finished saves only
@@ -76,10 +87,11 @@ def _load_workdir(workdir: Path, step_dir: Path | None):
     if config.lora_rank:
         params = _on_base(params, run["config"].get("init_from"), nnx.to_pure_dict(state), config, workdir)
     nnx.replace_by_pure_dict(state, params)
-    tokenizer = _tokenizer(workdir)
-    model = without_adapters(nnx.merge(graphdef, state))
+    model = nnx.merge(graphdef, state)
+    if merge:
+        model = without_adapters(model)
     model.source_dir = str(workdir)  # its tokenizer files go along when it is converted
-    return model, tokenizer, stop_ids(tokenizer)
+    return model
 
 
 def _on_base(adapters: dict, init_from: str | None, abstract: dict, config: ModelConfig, workdir: Path) -> dict:
