@@ -188,8 +188,8 @@ class ModelConfig:
     moe_dispatch: str = "padded"
     moe_capacity_factor: float = 1.25
     # LoRA (0: none): every projection named in lora_targets gains x A B * lora_alpha / lora_rank, A [in, r],
-    # B [r, out]; `qwen-jax train` then trains only A and B (and the modules named in lora_also_train, whole,
-    # e.g. "embed_tokens"), on the frozen init_from weights.
+    # B [r, out]; `qwen-jax train` and `qwen-jax rl` then train only A and B (and the modules named in
+    # lora_also_train, whole, e.g. "embed_tokens"), on the frozen init_from weights.
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS

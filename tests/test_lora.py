@@ -205,6 +205,9 @@ def test_lora_sft_and_dpo_runs_train_only_adapters_resume_exactly_and_convert(tm
 
     with pytest.raises(ConfigError, match="set init_from"):
         run_training(load_config("configs/sft_tiny.py", small + ["model.lora_rank=4", sources]), tmp_path / "no_base")
+    shutil.move(base, tmp_path / "moved")
+    with pytest.raises(ConfigError, match="hold only its adapters, and its base .* is not there"):
+        load_for_generation(sft)
 
 
 def test_a_lora_rl_run_starts_at_its_base_and_resumes_exactly(tmp_path, capsys):

@@ -76,7 +76,7 @@ def load_run_model(path: str | Path, *, merge: bool = True):
         with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
             step = manager.latest_step()  # finished saves only
         if step is None:
-            raise ConfigError(f"--model={workdir}: no checkpoints yet")
+            raise ConfigError(f"{workdir}: no checkpoints yet")
         step_dir = workdir / "checkpoints" / str(step)
     run = json.loads((workdir / "config.json").read_text())
     config = ModelConfig(**run["model"])
@@ -100,6 +100,6 @@ def _on_base(adapters: dict, init_from: str | None, abstract: dict, config: Mode
     from qwen_jax.model.lora import join, split_adapters
 
     if not init_from or not Path(init_from).exists():
-        raise ConfigError(f"--model={workdir}: a LoRA run's checkpoints hold only its adapters, and its base "
+        raise ConfigError(f"{workdir}: a LoRA run's checkpoints hold only its adapters, and its base "
                           f"(init_from={init_from!r}) is not there to put them on")
     return join(load_init_params(init_from, split_adapters(abstract)[0], config.param_dtype), adapters)

@@ -19,6 +19,6 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
 
 
 def adapter_count(config: ModelConfig) -> int:
-    """The LoRA adapters' parameters (all a LoRA run trains; 0 without LoRA)."""
+    """The LoRA adapters' parameters (0 without LoRA)."""
     model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
