@@ -17,6 +17,7 @@ from safetensors.flax import save_file
 from qwen_jax.config import ROPE_TYPES, ModelConfig, RopeScaling, VisionConfig
 from qwen_jax.interop import hf_layouts
 from qwen_jax.model.decoder import Qwen35ForCausalLM
+from qwen_jax.model.lora import without_adapters
 
 # model_type -> (our architecture, whether the text config is nested under "text_config")
 MODEL_TYPES = {"qwen3_5_text": ("qwen3_5", False), "qwen3_5": ("qwen3_5", True),
@@ -369,7 +370,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> Qwen35ForCausalL
     return model
 
 
-def _checkpoint_name(name: str, cfg: ModelConfig) -> str:
+def checkpoint_name(name: str, cfg: ModelConfig) -> str:
     """Our canonical name -> the key transformers writes: text weights go under
     model.language_model. in a vision-language checkpoint."""
     if cfg.vision is None or name.startswith(VISION_PREFIX) or not name.startswith("model."):
@@ -407,15 +408,13 @@ def hf_tensors(model: Qwen35ForCausalLM):
 def save_hf(model: Qwen35ForCausalLM, path: str | os.PathLike) -> None:
     """Write config.json + safetensors that transformers' matching class loads (+ tokenizer files); a LoRA
     model's adapters are merged into its kernels first."""
-    from qwen_jax.model.lora import without_adapters
-
     model = without_adapters(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, jax.Array]] = [{}]
     shard_bytes = 0
     for name, array in hf_tensors(model):
-        name = _checkpoint_name(name, model.config)
+        name = checkpoint_name(name, model.config)
         tensor = jnp.asarray(array)
         if shards[-1] and shard_bytes + tensor.nbytes > SHARD_BYTES:
             shards.append({})

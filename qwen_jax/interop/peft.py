@@ -11,7 +11,7 @@ from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 
 from qwen_jax.config import ConfigError
-from qwen_jax.interop.hf import _checkpoint_name, copy_tokenizer_files, tensor_map
+from qwen_jax.interop.hf import checkpoint_name, copy_tokenizer_files, tensor_map
 from qwen_jax.model.lora import ADAPTER_LEAVES
 
 PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
@@ -37,7 +37,7 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
         module, leaf = name.rsplit(".", 1)
         if leaf in ADAPTER_LEAVES:
             array = flat[our_path] if index is None else flat[our_path][index]
-            peft_name = f"base_model.model.{_checkpoint_name(module, model.config)}.{PEFT_NAMES[leaf]}.weight"
+            peft_name = f"base_model.model.{checkpoint_name(module, model.config)}.{PEFT_NAMES[leaf]}.weight"
             tensors[peft_name] = np.ascontiguousarray(np.asarray(array, np.float32).T)
     return tensors
 

@@ -7,10 +7,15 @@ from qwen_jax.config import ModelConfig
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 
 
+def _count(config: ModelConfig, kind) -> int:
+    """The parameters of variable type `kind` (nnx.Param, nnx.LoRAParam) in the model of `config`."""
+    model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, kind)))
+
+
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:
     """(total, active per token): active leaves out the experts a token is not routed to."""
-    model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
-    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    total = _count(config, nnx.Param)
     if not config.is_moe:
         return total, total
     per_expert = 3 * config.hidden_size * config.moe_intermediate_size
@@ -20,5 +25,4 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
 
 def adapter_count(config: ModelConfig) -> int:
     """The LoRA adapters' parameters (0 without LoRA)."""
-    model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    return _count(config, nnx.LoRAParam)

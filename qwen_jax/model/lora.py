@@ -9,6 +9,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_jax.config import ConfigError
+from qwen_jax.model.decoder import Qwen35ForCausalLM
+
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
@@ -40,8 +43,6 @@ def split_trained(params: dict, also_train: tuple[str, ...]) -> tuple[dict, dict
 
 def check_also_train(params: dict, also_train: tuple[str, ...]) -> None:
     """Raise ConfigError for a name in also_train that names no module of `params`."""
-    from qwen_jax.config import ConfigError
-
     def modules(tree):
         return {str(key) for key, value in tree.items() if isinstance(value, dict)} | {
             name for value in tree.values() if isinstance(value, dict) for name in modules(value)}
@@ -82,8 +83,6 @@ def merge_adapters(params: dict, scale: float) -> dict:
 def without_adapters(model):
     """A LoRA model -> the plain model (lora_rank 0) it computes, its updates merged into the kernels; a plain
     model as it is."""
-    from qwen_jax.model.decoder import Qwen35ForCausalLM
-
     config = model.config
     if not config.lora_rank:
         return model

@@ -50,8 +50,8 @@ from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.loop import rules_from_config
 from qwen_jax.train.optimizer import make_optimizer
 from qwen_jax.train.reporting import RunLogger
-from qwen_jax.train.step import (abstract_params, checkpointed, lora_start, model_params, run_state_shardings,
-                                 start_state, with_frozen)
+from qwen_jax.train.step import (abstract_params, check_lora_base, checkpointed, load_lora_base, lora_start,
+                                 model_params, run_state_shardings, start_state, with_frozen)
 
 EVAL_SEED_BASE = 10**9  # held-out prompts: seeds no training step reaches
 
@@ -252,8 +252,8 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     rl = rl_config(config)
     model_cfg = model_config(config)
     lora = model_cfg.lora_rank > 0
-    if lora and not config.init_from:
-        raise ConfigError("model.lora_rank trains adapters on a frozen base model: set init_from")
+    if lora:
+        check_lora_base(config.init_from)
     if lora and rl.warmup_steps:
         raise ConfigError("rl.warmup_steps trains the whole model; with model.lora_rank, fine-tune it with "
                           "`qwen-jax train` first and give that checkpoint as init_from")
@@ -286,9 +286,9 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     # trained part as it starts.
     base = reference_part = None
     if lora:
-        base = load_init_params(config.init_from, split_adapters(model_params(abstract))[0], model_cfg.param_dtype)
+        base = load_lora_base(config.init_from, abstract, model_cfg.param_dtype)
         if rl.kl_coef:
-            reference_part = jax.device_put(lora_start(model_cfg, base, abstract["params"]), shardings["params"])
+            reference_part = lora_start(model_cfg, base, abstract["params"], shardings["params"])
     restored = checkpointer.restore_latest(checkpointed(abstract))
     if restored is not None:
         start, state, _, _ = restored

@@ -14,7 +14,6 @@ import ml_collections
 from qwen_jax.config import ConfigError
 from qwen_jax.experiment import local_workdir, model_config, train_config
 from qwen_jax.interop.init_from import keep_chat_files, load_init_params
-from qwen_jax.model.lora import split_adapters
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.checkpoint import Checkpointer, abstract_like, data_states, own_data_state
@@ -23,8 +22,8 @@ from qwen_jax.train.distributed import maybe_initialize_distributed
 from qwen_jax.train.reporting import WANDB_MODES, RunLogger
 from qwen_jax.train.metrics import peak_flops, train_flops_per_token
 from qwen_jax.train.profiling import StepProfiler
-from qwen_jax.train.step import (Trainer, checkpointed, host_layout_for, lora_start, make_trainer, model_params,
-                                 with_frozen)
+from qwen_jax.train.step import (Trainer, checkpointed, host_layout_for, load_lora_base, lora_start, make_trainer,
+                                 model_params, with_frozen)
 
 
 class TrainingError(RuntimeError):
@@ -69,14 +68,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     # trained part as it starts (reference_part).
     base = reference = reference_part = None
     if trainer.lora:
-        if not config.init_from:
-            raise ConfigError("model.lora_rank trains adapters on a frozen base model: set init_from (an HF or "
-                              "qwen-jax model directory, or a checkpoint step)")
-        base = load_init_params(config.init_from, split_adapters(model_params(abstract_state))[0],
-                                model_cfg.param_dtype)
+        base = load_lora_base(config.init_from, abstract_state, model_cfg.param_dtype)
         if data.pairs:
-            reference_part = jax.device_put(lora_start(model_cfg, base, abstract_state["params"]),
-                                            trainer.state_shardings["params"])
+            reference_part = lora_start(model_cfg, base, abstract_state["params"], trainer.state_shardings["params"])
     elif data.pairs:  # build_run_data made sure init_from is set
         reference = jax.device_put(load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype),
                                    trainer.state_shardings["params"])
@@ -119,13 +113,14 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         logger.note(f"LoRA rank {model_cfg.lora_rank}: training {sizes['params']:,} parameters ({trained}), "
                     f"{sizes['frozen']:,} frozen")
 
+    def reference_now(state):  # a LoRA reference's frozen part is the current state's (the step donates it)
+        return reference if reference_part is None else model_params(state, reference_part)
+
     for step in range(start, train_cfg.steps):
         done = step + 1
         profiler.before_step(done)
         started = time.perf_counter()
-        if reference_part is not None:
-            reference = model_params(state, reference_part)
-        batch = trainer.with_reference(trainer.global_batch(next(iterator)), reference)
+        batch = trainer.with_reference(trainer.global_batch(next(iterator)), reference_now(state))
         state, metrics = trainer.step_fn(state, batch)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - started
@@ -139,9 +134,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
                "perf/mfu": flops_per_token * tokens_per_step / elapsed / peak,
                **{f"data/skipped/{reason}": n for reason, n in data.skipped_now().items()}}
         if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-            if reference_part is not None:
-                reference = model_params(state, reference_part)
-            row.update(evaluate(trainer, model_params(state), eval_batches, reference))
+            row.update(evaluate(trainer, model_params(state), eval_batches, reference_now(state)))
         logger.log(row, log=done % train_cfg.log_every == 0 or done == train_cfg.steps)
         if int(metrics["learning/bad_streak"]) >= train_cfg.max_bad_steps:
             checkpointer.wait()

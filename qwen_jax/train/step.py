@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
+from qwen_jax.interop.init_from import load_init_params
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 from qwen_jax.model.lora import check_also_train, join, split_adapters, split_trained
 from qwen_jax.ops.cross_entropy import chunked_cross_entropy
@@ -108,12 +109,26 @@ def model_params(state: dict, trained=None) -> dict:
     return join(state["frozen"], state["params"] if trained is None else trained)
 
 
-def lora_start(model_config: ModelConfig, base: dict, abstract_trained: dict) -> dict:
-    """A LoRA run's trained part as it starts: zero adapters (the init's B is zero, its A is not), and the
-    lora_also_train modules as in `base`; joined to the frozen base, the model the run starts from (DPO's and
-    RL's reference)."""
+def check_lora_base(init_from: str) -> None:
+    """Raise ConfigError for a LoRA run without a base to train its adapters on."""
+    if not init_from:
+        raise ConfigError("model.lora_rank trains adapters on a frozen base model: set init_from (an HF or "
+                          "qwen-jax model directory, or a checkpoint step)")
+
+
+def load_lora_base(init_from: str, abstract_state: dict, param_dtype) -> dict:
+    """A LoRA run's base from init_from, read on every (re)start: every leaf but the adapters, placed as the
+    (abstract) state's."""
+    check_lora_base(init_from)
+    return load_init_params(init_from, split_adapters(model_params(abstract_state))[0], param_dtype)
+
+
+def lora_start(model_config: ModelConfig, base: dict, abstract_trained: dict, sharding) -> dict:
+    """A LoRA run's trained part as it starts, placed as `sharding`: zero adapters (the init's B is zero, its A
+    is not), and the lora_also_train modules as in `base`; joined to the frozen base, the model the run starts
+    from (DPO's and RL's reference)."""
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), split_adapters(abstract_trained)[1])
-    return join(split_trained(base, model_config.lora_also_train)[1], zeros)
+    return jax.device_put(join(split_trained(base, model_config.lora_also_train)[1], zeros), sharding)
 
 
 def with_frozen(state: dict, model_config: ModelConfig, base: dict, sharding) -> dict:
