@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.init_from = ""
+    config.init_adapter = ""  # a PEFT LoRA adapter of init_from to start from (merged, or trained on with LoRA)
     config.model = ml_collections.ConfigDict(
         {"preset": "qwen3.5-0.8b", "dtype": "bfloat16", "param_dtype": "float32", "remat": "dots"})
     config.train = ml_collections.ConfigDict(

@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.init_from = ""
+    config.init_adapter = ""  # a PEFT LoRA adapter of init_from to start from (merged, or trained on with LoRA)
     config.model = ml_collections.ConfigDict({"preset": "tiny"})
     config.train = ml_collections.ConfigDict(
         {"steps": 200, "batch_size": 8, "seq_len": 256, "lr": 3e-3, "warmup_steps": 20,

@@ -99,28 +99,33 @@ def cmd_info(args, overrides) -> None:
 
 
 def cmd_convert(args, overrides) -> None:
-    """HF directory -> qwen-jax model directory, or back; a qwen-jax workdir (or one of its checkpoint steps)
-    -> HF directory (a LoRA run's adapters merged into its base), or its LoRA adapters -> PEFT adapter."""
+    """A model -> another layout. From an HF directory (--from-hf), or a qwen-jax model directory, workdir or
+    checkpoint step (--from; a LoRA run's adapters merged into its base), with --adapter's PEFT adapter merged
+    in where given; to a qwen-jax model directory (--to), an HF directory (--to-hf), or a LoRA run's adapters
+    alone as a PEFT adapter (--to-peft)."""
     from qwen_jax.generate.loading import load_run_model
     from qwen_jax.interop.hf import load_hf, save_hf
     from qwen_jax.interop.native import load_model, save_model
-    from qwen_jax.interop.peft import save_peft
+    from qwen_jax.interop.peft import save_peft, with_adapter
 
-    source = getattr(args, "from")
-    run = source and ((Path(source) / "checkpoints").is_dir() or (Path(source) / "state").is_dir())
-    if args.from_hf and args.to:
-        save_model(load_hf(args.from_hf, dtype=args.dtype), args.to)
-        print(f"converted {args.from_hf} -> {args.to}")
-    elif source and args.to_hf:
-        save_hf(load_run_model(source) if run else load_model(source), args.to_hf)
-        print(f"converted {source} -> {args.to_hf}")
-    elif source and args.to_peft:
-        model = load_run_model(source, merge=False) if run else load_model(source)
-        save_peft(model, args.to_peft)
-        print(f"wrote the LoRA adapters of {source} to {args.to_peft}")
+    source = args.from_hf or getattr(args, "from")
+    destinations = [(path, save) for path, save in ((args.to, save_model), (args.to_hf, save_hf),
+                                                      (args.to_peft, save_peft)) if path]
+    if not source or len(destinations) != 1 or (args.from_hf and getattr(args, "from")):
+        raise SystemExit("error: give one source (--from-hf=DIR, or --from=DIR|WORKDIR|STEP) and one destination "
+                         "(--to=DIR, --to-hf=DIR or --to-peft=DIR); --adapter=PEFT_DIR merges an adapter in")
+    if args.adapter and args.to_peft:
+        raise SystemExit("error: --to-peft writes a LoRA run's own adapters; --adapter merges another one in")
+    run = (Path(source) / "checkpoints").is_dir() or (Path(source) / "state").is_dir()
+    if args.from_hf:
+        model = load_hf(source, dtype=args.dtype)
     else:
-        raise SystemExit("error: use --from-hf=DIR --to=DIR  or  --from=DIR|WORKDIR --to-hf=DIR  or  "
-                         "--from=WORKDIR --to-peft=DIR")
+        model = load_run_model(source, merge=not args.to_peft) if run else load_model(source)
+    if args.adapter:
+        model = with_adapter(model, args.adapter)
+    (path, save), = destinations
+    save(model, path)
+    print(f"converted {source}{' + ' + args.adapter if args.adapter else ''} -> {path}")
 
 
 def cmd_bench(args, overrides) -> None:
@@ -165,6 +170,7 @@ def cmd_generate(args, overrides) -> None:
     from qwen_jax.generate.media_prompts import (load_prompt_media, media_processors_for, media_prompt_ids,
                                                  pixel_inputs)
     from qwen_jax.generate.loading import load_for_generation
+    from qwen_jax.interop.peft import with_adapter
 
     prompts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:
@@ -178,6 +184,8 @@ def cmd_generate(args, overrides) -> None:
     if not isinstance(chat_kwargs, dict):
         raise SystemExit(f"error: --chat-kwargs={args.chat_kwargs!r} is not a JSON object")
     model, tokenizer, stop_ids = load_for_generation(args.model)
+    if args.adapter:
+        model = with_adapter(model, args.adapter)
     media = []
     if args.images or args.videos:
         media = load_prompt_media(args.images, args.videos, media_processors_for(args.model))
@@ -233,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an image every prompt sees before its text (repeat for more); needs a vision tower")
     gen.add_argument("--video", dest="videos", action="append", default=[], metavar="FILE",
                      help="a video file or folder of frames every prompt sees after the images (repeatable)")
+    gen.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter of --model, merged into it")
     gen.set_defaults(run=cmd_generate)
 
     info = commands.add_parser("info", help="print a preset's or config's model and parameter count")
@@ -240,13 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", default=None)
     info.set_defaults(run=cmd_info)
 
-    convert = commands.add_parser("convert", help="HF safetensors <-> qwen-jax model directory; a workdir -> HF")
+    convert = commands.add_parser("convert", help="HF <-> qwen-jax model directory; a workdir -> HF or PEFT")
     convert.add_argument("--from-hf", dest="from_hf")
     convert.add_argument("--to")
     convert.add_argument("--from", dest="from")
     convert.add_argument("--to-hf", dest="to_hf")
     convert.add_argument("--to-peft", dest="to_peft", help="a LoRA run's adapters, as a PEFT adapter directory")
-    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    convert.add_argument("--adapter", help="a PEFT LoRA adapter directory to merge into the model")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                         help="what an HF source's weights load as")
     convert.set_defaults(run=cmd_convert)
 
     bench = commands.add_parser("bench", help="quick benchmarks on this machine")

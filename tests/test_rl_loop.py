@@ -123,9 +123,11 @@ def test_two_hosts_learn_as_one_device(uninterrupted, run_env, tmp_path):
     for key in ("rewards/mean", "rewards/std", "response_length/mean"):
         want = {step: value for step, value in per_step(uninterrupted, key).items() if step <= EVERY}
         assert per_step(tmp_path, key) == want, key
+    # To rounding, on the losses' own scale (about 0.1): after two updates a loss near 0 has differed by
+    # 1.1e-6 (jax 0.10.2, numpy 2.4.6, 2026-11-25), as the params below differ where Adam met a gradient near 0.
     np.testing.assert_allclose(list(per_step(tmp_path, "actor/pg_loss").values()),
                                [per_step(uninterrupted, "actor/pg_loss")[s] for s in range(1, EVERY + 1)],
-                               rtol=1e-4, atol=1e-7)
+                               rtol=1e-4, atol=1e-5)
     gaps = np.concatenate([np.abs(got - want).ravel() for got, want in zip(
         jax.tree.leaves(params_at(tmp_path, EVERY)), jax.tree.leaves(params_at(uninterrupted, EVERY)))])
     # Adam moves a weight by about lr whatever its gradient's size, so where a gradient is near 0

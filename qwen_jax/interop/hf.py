@@ -231,7 +231,7 @@ def tensor_map(model: Qwen35ForCausalLM) -> dict[str, tuple[tuple, int | None, s
     return entries
 
 
-def _canonical_name(name: str, vision: bool) -> str | None:
+def canonical_name(name: str, vision: bool) -> str | None:
     """A checkpoint key -> our canonical 'model.'/'model.visual.'/'lm_head.' name; None for keys we
     ignore (the vision tower's too, when the model is text only, as HF's text-only class does)."""
     if name.startswith(IGNORED_PREFIXES) or (name.startswith(VISION_PREFIX) and not vision):
@@ -281,7 +281,7 @@ class _Assembler:
 
     def add(self, file: str, key: str, reader) -> None:
         """Read checkpoint tensor `key` (shape-checked before its data is read) into the buffers."""
-        name = _canonical_name(key, self.config.vision is not None)
+        name = canonical_name(key, self.config.vision is not None)
         if name is None:
             return
         where = f"{file}: tensor {key!r}"

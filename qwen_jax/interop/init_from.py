@@ -58,6 +58,26 @@ def load_init_params(path: str | Path, abstract_params: dict, param_dtype) -> di
     return jax.tree_util.tree_map_with_path(place, params)
 
 
+def load_start_params(init_from: str, init_adapter: str, abstract_params: dict, model_config) -> dict:
+    """load_init_params of init_from, with the PEFT adapter `init_adapter` (where given) merged into its
+    kernels: what a run that trains the whole model starts from."""
+    from qwen_jax.interop.peft import merge_adapter
+
+    params = load_init_params(init_from, abstract_params, model_config.param_dtype)
+    return merge_adapter(params, init_adapter, model_config) if init_adapter else params
+
+
+def check_init_adapter(init_from: str, init_adapter: str) -> None:
+    """Raise ConfigError for an adapter given without the base it adapts, or one that is not a PEFT LoRA."""
+    from qwen_jax.interop.peft import read_adapter_config
+
+    if init_adapter and not init_from:
+        raise ConfigError(f"init_adapter={init_adapter!r} is a PEFT adapter of a base model: set init_from to that "
+                          "base (an HF or qwen-jax model directory, or a checkpoint step)")
+    if init_adapter:
+        read_adapter_config(init_adapter)
+
+
 def _restore_params(state_dir: Path, abstract_params: dict) -> dict:
     import orbax.checkpoint as ocp
 

@@ -34,7 +34,8 @@ from qwen_jax.config import ConfigError, TrainConfig
 from qwen_jax.data.chat import chat_formats, load_chat_template
 from qwen_jax.data.tokenizer import load_or_train_tokenizer, pad_id, stop_ids
 from qwen_jax.experiment import local_workdir, model_config
-from qwen_jax.interop.init_from import keep_chat_files, load_init_params, tokenizer_dir, tokenizer_file
+from qwen_jax.interop.init_from import (check_init_adapter, keep_chat_files, load_start_params, tokenizer_dir,
+                                        tokenizer_file)
 from qwen_jax.model.lora import split_adapters
 from qwen_jax.rl.advantages import compute_advantages
 from qwen_jax.parallel.mesh import make_mesh
@@ -252,8 +253,10 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     rl = rl_config(config)
     model_cfg = model_config(config)
     lora = model_cfg.lora_rank > 0
+    init_from, init_adapter = config.init_from, config.get("init_adapter", "")
+    check_init_adapter(init_from, init_adapter)
     if lora:
-        check_lora_base(config.init_from)
+        check_lora_base(init_from)
     if lora and rl.warmup_steps:
         raise ConfigError("rl.warmup_steps trains the whole model; with model.lora_rank, fine-tune it with "
                           "`qwen-jax train` first and give that checkpoint as init_from")
@@ -286,7 +289,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
     # trained part as it starts.
     base = reference_part = None
     if lora:
-        base = load_lora_base(config.init_from, abstract, model_cfg.param_dtype)
+        base = load_lora_base(init_from, init_adapter, abstract, model_cfg)
         if rl.kl_coef:
             reference_part = lora_start(model_cfg, base, abstract["params"], shardings["params"])
     restored = checkpointer.restore_latest(checkpointed(abstract))
@@ -302,7 +305,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]
             # Placed as the state's where RL starts from them; unplaced where the warm-up (on this
             # host's first device) trains them first.
             target = shapes if rl.warmup_steps else abstract_like(shapes, shardings["params"])
-            params = load_init_params(config.init_from, target, model_cfg.param_dtype)
+            params = load_start_params(init_from, init_adapter, target, model_cfg)
         if params is None or rl.warmup_steps:
             params = supervised_warmup(model_cfg, env, tokenizer, rl, seed=config.seed, params=params)
         # Placed as a restored state is, so a resumed run runs the very programs an uninterrupted

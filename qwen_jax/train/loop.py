@@ -13,7 +13,7 @@ import ml_collections
 
 from qwen_jax.config import ConfigError
 from qwen_jax.experiment import local_workdir, model_config, train_config
-from qwen_jax.interop.init_from import keep_chat_files, load_init_params
+from qwen_jax.interop.init_from import check_init_adapter, keep_chat_files, load_start_params
 from qwen_jax.parallel.mesh import make_mesh
 from qwen_jax.parallel.rules import DEFAULT_RULES
 from qwen_jax.train.checkpoint import Checkpointer, abstract_like, data_states, own_data_state
@@ -35,7 +35,8 @@ def rules_from_config(config: ml_collections.ConfigDict):
 
 
 def check_run_fields(config: ml_collections.ConfigDict) -> None:
-    """The loop's own fields (checkpoint.*, wandb.mode), checked before anything is built."""
+    """The loop's own fields (checkpoint.*, wandb.mode, init_adapter), checked before anything is built."""
+    check_init_adapter(config.get("init_from", ""), config.get("init_adapter", ""))
     for name in ("every_steps", "keep"):
         value = config.checkpoint[name]
         if not isinstance(value, int) or value <= 0:
@@ -66,13 +67,14 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
     # Read again from init_from on every (re)start: LoRA's base (every leaf but the adapters) and DPO's
     # reference, the model the run starts from. With LoRA, that reference is the frozen base joined to the
     # trained part as it starts (reference_part).
+    init_from, init_adapter = config.init_from, config.get("init_adapter", "")
     base = reference = reference_part = None
     if trainer.lora:
-        base = load_lora_base(config.init_from, abstract_state, model_cfg.param_dtype)
+        base = load_lora_base(init_from, init_adapter, abstract_state, model_cfg)
         if data.pairs:
             reference_part = lora_start(model_cfg, base, abstract_state["params"], trainer.state_shardings["params"])
     elif data.pairs:  # build_run_data made sure init_from is set
-        reference = jax.device_put(load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype),
+        reference = jax.device_put(load_start_params(init_from, init_adapter, abstract_state["params"], model_cfg),
                                    trainer.state_shardings["params"])
     restored = checkpointer.restore_latest(checkpointed(abstract_state))
     if restored is not None:
@@ -85,8 +87,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str | Path) -> list
         start = 0
         # A copy: the step donates the state's buffers, and the reference must outlive them.
         params = base if reference is None else jax.tree.map(jnp.array, reference)
-        if config.init_from and params is None:
-            params = load_init_params(config.init_from, abstract_state["params"], model_cfg.param_dtype)
+        if init_from and params is None:
+            params = load_start_params(init_from, init_adapter, abstract_state["params"], model_cfg)
         state = trainer.init_state(config.seed, params)
     del base  # the state holds it now
     iterator, eval_batches = data.iterator, data.eval_batches

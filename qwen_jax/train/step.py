@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import ConfigError, ModelConfig, TrainConfig
 from qwen_jax.interop.init_from import load_init_params
+from qwen_jax.interop.peft import adapter_params
 from qwen_jax.model.decoder import Qwen35ForCausalLM
 from qwen_jax.model.lora import check_also_train, join, split_adapters, split_trained
 from qwen_jax.ops.cross_entropy import chunked_cross_entropy
@@ -88,8 +89,9 @@ class Trainer:
 
 def start_state(model_config: ModelConfig, optimizer, seed: int, params=None) -> dict:
     """A run's first state: new_state of `params` (default: random from `seed`). With LoRA, `params` is the
-    base (every leaf but the adapters; default random too): fresh adapters and the model.lora_also_train
-    modules are the trained state["params"], the rest is held as state["frozen"]."""
+    base (every leaf but the adapters; default random too) and any adapters to start from (the rest start
+    fresh): the adapters and the model.lora_also_train modules are the trained state["params"], the rest is
+    held as state["frozen"]."""
     if params is not None and not model_config.lora_rank:
         return new_state(params, optimizer, seed)
     model = Qwen35ForCausalLM(model_config, rngs=nnx.Rngs(seed))
@@ -98,7 +100,7 @@ def start_state(model_config: ModelConfig, optimizer, seed: int, params=None) ->
         return new_state(fresh, optimizer, seed)
     base, adapters = split_adapters(fresh)
     frozen, trained = split_trained(base if params is None else params, model_config.lora_also_train)
-    return {**new_state(join(trained, adapters), optimizer, seed), "frozen": frozen}
+    return {**new_state(join(adapters, trained), optimizer, seed), "frozen": frozen}
 
 
 def model_params(state: dict, trained=None) -> dict:
@@ -116,19 +118,20 @@ def check_lora_base(init_from: str) -> None:
                           "qwen-jax model directory, or a checkpoint step)")
 
 
-def load_lora_base(init_from: str, abstract_state: dict, param_dtype) -> dict:
+def load_lora_base(init_from: str, init_adapter: str, abstract_state: dict, model_config: ModelConfig) -> dict:
     """A LoRA run's base from init_from, read on every (re)start: every leaf but the adapters, placed as the
-    (abstract) state's."""
+    (abstract) state's; with the PEFT adapter init_adapter's lora_a / lora_b leaves, where one is given."""
     check_lora_base(init_from)
-    return load_init_params(init_from, split_adapters(model_params(abstract_state))[0], param_dtype)
+    base = load_init_params(init_from, split_adapters(model_params(abstract_state))[0], model_config.param_dtype)
+    return join(base, adapter_params(init_adapter, model_config)) if init_adapter else base
 
 
 def lora_start(model_config: ModelConfig, base: dict, abstract_trained: dict, sharding) -> dict:
-    """A LoRA run's trained part as it starts, placed as `sharding`: zero adapters (the init's B is zero, its A
-    is not), and the lora_also_train modules as in `base`; joined to the frozen base, the model the run starts
-    from (DPO's and RL's reference)."""
+    """A LoRA run's trained part as it starts, placed as `sharding`: the adapters `base` holds (init_adapter's)
+    or zero ones (the init's B is zero, its A is not), and the lora_also_train modules as in `base`; joined to
+    the frozen base, the model the run starts from (DPO's and RL's reference)."""
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), split_adapters(abstract_trained)[1])
-    return jax.device_put(join(split_trained(base, model_config.lora_also_train)[1], zeros), sharding)
+    return jax.device_put(join(zeros, split_trained(base, model_config.lora_also_train)[1]), sharding)
 
 
 def with_frozen(state: dict, model_config: ModelConfig, base: dict, sharding) -> dict:
