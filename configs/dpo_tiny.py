@@ -16,6 +16,8 @@ def get_config():
     config.train.lr = 3e-4  # a fine-tune's step: DPO's loss moves log-probs, not a fresh model
     config.train.warmup_steps = 10
     config.train.dpo_beta = 0.1
+    config.train.dpo_loss = "sigmoid"  # DPO's; or "ipo", "hinge" (config.DPO_LOSSES)
+    config.train.dpo_label_smoothing = 0.0  # "sigmoid": cDPO's assumed share of flipped labels
     config.train.eval_every = 25
     # Pairs: built-in "python_help" and/or .jsonl / .array_record files of {"prompt", "chosen", "rejected"}.
     config.data = {"kind": "preference", "chat_sources": ["python_help"], "chat_template": ""}

@@ -169,7 +169,7 @@ def cmd_generate(args, overrides) -> None:
     from qwen_jax.generate.engine import generate
     from qwen_jax.generate.media_prompts import (load_prompt_media, media_processors_for, media_prompt_ids,
                                                  pixel_inputs)
-    from qwen_jax.generate.loading import load_for_generation
+    from qwen_jax.generate.loading import load_for_generation, with_weight_quant
     from qwen_jax.interop.peft import with_adapter
 
     prompts = [args.prompt] if args.prompt is not None else []
@@ -186,6 +186,7 @@ def cmd_generate(args, overrides) -> None:
     model, tokenizer, stop_ids = load_for_generation(args.model)
     if args.adapter:
         model = with_adapter(model, args.adapter)
+    model = with_weight_quant(model, args.weight_quant)
     media = []
     if args.images or args.videos:
         media = load_prompt_media(args.images, args.videos, media_processors_for(args.model))
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--video", dest="videos", action="append", default=[], metavar="FILE",
                      help="a video file or folder of frames every prompt sees after the images (repeatable)")
     gen.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter of --model, merged into it")
+    gen.add_argument("--weight-quant", dest="weight_quant", default="", choices=["", "int8"],
+                     help="decode with the projections' kernels int8 (half a bfloat16 model's weight bytes)")
     gen.set_defaults(run=cmd_generate)
 
     info = commands.add_parser("info", help="print a preset's or config's model and parameter count")

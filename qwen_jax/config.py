@@ -21,6 +21,10 @@ MOE_DISPATCHES = ("ragged", "padded")
 ROPE_TYPES = ("yarn",)  # RoPE scalings besides plain RoPE (HF rope_type "default")
 # "auto": cuDNN flash attention on GPU, JAX's splash kernels on TPU (where they tile), XLA's attention elsewhere.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# DPO's loss of a pair's log-ratio margin h (train.dpo_loss): "sigmoid" DPO's -log sigmoid(beta h) (with
+# train.dpo_label_smoothing, cDPO's), "ipo" IPO's (h - 1 / (2 beta))^2 on per-token mean log-probs (as TRL
+# does), "hinge" SLiC's max(0, 1 - beta h).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 # "auto": the Pallas kernel on GPU, the pure-JAX chunked op elsewhere (TPU, CPU).
 GDN_IMPLS = ("auto", "jax", "pallas")
 # The decoder's projections (module names, as HF and PEFT call them) that LoRA can adapt; the default
@@ -28,6 +32,9 @@ GDN_IMPLS = ("auto", "jax", "pallas")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
                 "out_proj", "gate_proj", "up_proj", "down_proj")
 LORA_DEFAULT_TARGETS = tuple(name for name in LORA_MODULES if name not in ("in_proj_b", "in_proj_a"))
+# Weight-only quantisation of those projections' kernels (model.weight_quant; "" none): frozen, so a train or RL
+# run needs LoRA to train on them.
+WEIGHT_QUANTS = ("", "int8")
 # HF's names: tanh-approximated GELU (every published tower) and exact GELU.
 VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 
@@ -194,6 +201,9 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
     lora_also_train: tuple[str, ...] = ()
+    # "int8": the LORA_MODULES projections' kernels stored int8 with a float32 scale per output channel (half a
+    # bfloat16 base's bytes; QLoRA's layout with int8 for NF4), quantised from init_from's when a run loads them.
+    weight_quant: str = ""
 
     def __post_init__(self):
         for name in ("lora_targets", "lora_also_train"):  # a command line gives "q_proj,v_proj"
@@ -300,7 +310,7 @@ class ModelConfig:
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
                               ("gdn_scan", GDN_SCANS), ("architecture", ARCHITECTURES),
                               ("moe_dispatch", MOE_DISPATCHES), ("gdn_impl", GDN_IMPLS),
-                              ("attention_impl", ATTENTION_IMPLS)):
+                              ("attention_impl", ATTENTION_IMPLS), ("weight_quant", WEIGHT_QUANTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} is {getattr(self, name)!r}; choose one of {allowed}")
         if self.rms_norm_eps <= 0:
@@ -443,6 +453,8 @@ class TrainConfig:
     grad_accum: int = 1
     z_loss: float = 0.0
     dpo_beta: float = 0.1  # data.kind "preference": DPO's beta, how far the policy may move from the reference
+    dpo_loss: str = "sigmoid"  # a DPO_LOSSES name
+    dpo_label_smoothing: float = 0.0  # "sigmoid": the assumed share of pairs whose labels are flipped (cDPO)
     moe_aux_loss: float | None = None  # None: the model's router_aux_loss_coef (HF's 0.001)
     ce_chunk: int = 2048
     opt_state_dtype: str = "float32"  # AdamW's moments between steps ("bfloat16": half their bytes)
@@ -478,5 +490,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.dpo_beta > 0:
             raise ConfigError(f"train.dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ConfigError(f"train.dpo_loss is {self.dpo_loss!r}; choose one of {DPO_LOSSES}")
+        if not 0 <= self.dpo_label_smoothing < 0.5 or (self.dpo_label_smoothing and self.dpo_loss != "sigmoid"):
+            raise ConfigError(f"train.dpo_label_smoothing must be in [0, 0.5), and 0 unless train.dpo_loss is "
+                              f"'sigmoid'; got {self.dpo_label_smoothing} with {self.dpo_loss!r}")
         if not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1:
             raise ConfigError(f"train.b1 and train.b2 must be in [0, 1), got {self.b1}, {self.b2}")

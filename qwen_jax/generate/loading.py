@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 from flax import nnx
 from tokenizers import Tokenizer
 
@@ -63,12 +64,12 @@ def _load_run(path: Path):
 
 def load_run_model(path: str | Path, *, merge: bool = True):
     """A qwen-jax workdir (its newest complete step) or checkpoint step dir -> the model, with the run's model
-    config. A LoRA run's adapters go onto the base it trained them on (its init_from), merged into its kernels
-    (the plain model, which decodes faster) unless `merge` is False."""
+    config. A LoRA run's adapters go onto the base it trained them on (its init_from, quantised as the run's
+    was), merged into its kernels (the plain model, which decodes faster) unless `merge` is False."""
     import orbax.checkpoint as ocp
 
     from qwen_jax.model.decoder import Qwen35ForCausalLM
-    from qwen_jax.model.lora import without_adapters
+    from qwen_jax.model.lora import plain_model
 
     path = Path(path)
     workdir, step_dir = (path.parent.parent, path) if (path / "state").is_dir() else (path, None)
@@ -82,6 +83,9 @@ def load_run_model(path: str | Path, *, merge: bool = True):
     config = ModelConfig(**run["model"])
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(step_dir.absolute() / "state")["params"]
+    # On one device, as a model directory loads: a checkpoint restores across all of this host's devices, and
+    # a LoRA run's adapters (so restored) meet their base (so loaded) in the merge.
+    params = jax.device_put(params, jax.devices()[0])
     model = nnx.eval_shape(lambda: Qwen35ForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     if config.lora_rank:
@@ -89,7 +93,7 @@ def load_run_model(path: str | Path, *, merge: bool = True):
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
     if merge:
-        model = without_adapters(model)
+        model = plain_model(model)
     model.source_dir = str(workdir)  # its tokenizer files go along when it is converted
     return model
 
@@ -103,3 +107,22 @@ def _on_base(adapters: dict, init_from: str | None, abstract: dict, config: Mode
         raise ConfigError(f"{workdir}: a LoRA run's checkpoints hold only its adapters, and its base "
                           f"(init_from={init_from!r}) is not there to put them on")
     return join(load_init_params(init_from, split_adapters(abstract)[0], config.param_dtype), adapters)
+
+
+def with_weight_quant(model, quant: str):
+    """`model` with its projections' kernels quantised as ModelConfig.weight_quant `quant` says ("" : as it is;
+    a LoRA model's adapters merged first)."""
+    from qwen_jax.model.decoder import Qwen35ForCausalLM
+    from qwen_jax.model.lora import plain_model
+    from qwen_jax.model.quant import quantize_like
+
+    if not quant:
+        return model
+    plain = plain_model(model)
+    abstract = nnx.eval_shape(lambda: Qwen35ForCausalLM(plain.config.replace(weight_quant=quant), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, quantize_like(nnx.to_pure_dict(nnx.state(plain, nnx.Param)),
+                                                  nnx.to_pure_dict(state)))
+    quantized = nnx.merge(graphdef, state)
+    quantized.source_dir = getattr(model, "source_dir", None)
+    return quantized

@@ -17,7 +17,7 @@ from safetensors.flax import save_file
 from qwen_jax.config import ROPE_TYPES, ModelConfig, RopeScaling, VisionConfig
 from qwen_jax.interop import hf_layouts
 from qwen_jax.model.decoder import Qwen35ForCausalLM
-from qwen_jax.model.lora import without_adapters
+from qwen_jax.model.lora import plain_model
 
 # model_type -> (our architecture, whether the text config is nested under "text_config")
 MODEL_TYPES = {"qwen3_5_text": ("qwen3_5", False), "qwen3_5": ("qwen3_5", True),
@@ -408,7 +408,7 @@ def hf_tensors(model: Qwen35ForCausalLM):
 def save_hf(model: Qwen35ForCausalLM, path: str | os.PathLike) -> None:
     """Write config.json + safetensors that transformers' matching class loads (+ tokenizer files); a LoRA
     model's adapters are merged into its kernels first."""
-    model = without_adapters(model)
+    model = plain_model(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, jax.Array]] = [{}]

@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from qwen_jax.config import ConfigError
+from qwen_jax.model.quant import float_targets, quantize_like
 
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")
 SOURCES = ("an HF directory", "a `qwen-jax convert` directory", "a checkpoint step directory")
@@ -33,17 +34,20 @@ def source_kind(path: str | Path) -> str:
 def load_init_params(path: str | Path, abstract_params: dict, param_dtype) -> dict:
     """The params of `path` as a pure dict, each checked against abstract_params' (ShapeDtypeStructs,
     sharded or not) shape and placed as its sharding, if it has one. A checkpoint gives its params only: its
-    optimizer state is not read."""
+    optimizer state is not read. Where abstract_params holds int8 kernels (model.weight_quant), the source's
+    float ones are quantised, one at a time."""
     from qwen_jax.interop.hf import load_hf
     from qwen_jax.interop.native import load_model
 
     path, kind = Path(path), source_kind(path)
+    targets = float_targets(abstract_params, param_dtype)
     if kind == "checkpoint":
-        params = _restore_params(path / "state", abstract_params)
+        params = _restore_params(path / "state", targets)
     else:
         model = load_hf(path, dtype=param_dtype) if kind == "hf" else load_model(path)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    expected = dict(jax.tree_util.tree_flatten_with_path(abstract_params)[0])
+        del model  # the float kernels go as they are quantised
+    expected = dict(jax.tree_util.tree_flatten_with_path(targets)[0])
     for key, got in jax.tree_util.tree_flatten_with_path(params)[0]:
         want = expected.get(key)
         if want is None or got.shape != want.shape:
@@ -55,7 +59,7 @@ def load_init_params(path: str | Path, abstract_params: dict, param_dtype) -> di
         sharding = getattr(expected[key], "sharding", None)
         return x if sharding is None else jax.device_put(x, sharding)
 
-    return jax.tree_util.tree_map_with_path(place, params)
+    return quantize_like(jax.tree_util.tree_map_with_path(place, params), abstract_params)
 
 
 def load_start_params(init_from: str, init_adapter: str, abstract_params: dict, model_config) -> dict:

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from qwen_jax.config import LORA_MODULES, ConfigError, ModelConfig
 from qwen_jax.interop.hf import canonical_name, checkpoint_name, copy_tokenizer_files, tensor_map
 from qwen_jax.model.decoder import Qwen35ForCausalLM
-from qwen_jax.model.lora import ADAPTER_LEAVES, join, merge_adapters, without_adapters
+from qwen_jax.model.lora import ADAPTER_LEAVES, join, merge_adapters, plain_model
 
 PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
 ADAPTER_CONFIG, ADAPTER_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -167,7 +167,7 @@ def merge_adapter(params: dict, path: str | Path, config: ModelConfig) -> dict:
 
 def with_adapter(model, path: str | Path):
     """A model with DIR's PEFT adapter merged into its kernels (the model PEFT's merge_and_unload gives)."""
-    model = without_adapters(model)
+    model = plain_model(model)
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, merge_adapter(nnx.to_pure_dict(state), path, model.config))
     merged = nnx.merge(graphdef, state)

@@ -46,7 +46,8 @@ class GatedAttention(nnx.Module):
     """Softmax attention whose output is gated elementwise by sigmoid(gate) before o_proj."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs,
+                  quant=cfg.weight_quant)
         resolve_attention_impl(cfg.attention_impl, dtype)  # an impossible choice fails here, not at the first step
         # Resolved again per call: the platform is the mesh's, known only when the step is traced.
         self.attention_impl, self.splash_block = cfg.attention_impl, cfg.splash_block

@@ -82,7 +82,8 @@ class DecoderLayer(nnx.Module):
             self.mlp = SparseMoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
-                              init_std=cfg.initializer_range, rngs=rngs, lora_for=cfg.lora_for)
+                              init_std=cfg.initializer_range, rngs=rngs, lora_for=cfg.lora_for,
+                              quant=cfg.weight_quant)
 
     def __call__(self, h: jax.Array, ctx: dict, replay: jax.Array | None,
                  cache: dict | None) -> tuple[jax.Array, dict, dict | None]:

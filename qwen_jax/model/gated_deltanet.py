@@ -63,7 +63,8 @@ class GatedDeltaNet(nnx.Module):
     """Causal conv + SiLU, l2-normalised q/k, gated delta rule, gated output norm."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs,
+                  quant=cfg.weight_quant)
         self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.k_head_dim, self.v_head_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.chunk_size, self.scan = cfg.gdn_chunk_size, cfg.gdn_scan

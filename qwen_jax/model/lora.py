@@ -11,6 +11,7 @@ from flax import nnx
 
 from qwen_jax.config import ConfigError
 from qwen_jax.model.decoder import Qwen35ForCausalLM
+from qwen_jax.model.quant import dequantize
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
@@ -80,15 +81,17 @@ def merge_adapters(params: dict, scale: float) -> dict:
     return merged
 
 
-def without_adapters(model):
-    """A LoRA model -> the plain model (lora_rank 0) it computes, its updates merged into the kernels; a plain
-    model as it is."""
+def plain_model(model):
+    """A LoRA or int8 model -> the plain model (lora_rank 0, weight_quant "") it computes: int8 kernels
+    dequantized to param_dtype, then the updates merged into the kernels; a plain model as it is."""
     config = model.config
-    if not config.lora_rank:
+    if not config.lora_rank and not config.weight_quant:
         return model
-    params = merge_adapters(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config.lora_alpha / config.lora_rank)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35ForCausalLM(config.replace(lora_rank=0),
-                                                                          rngs=nnx.Rngs(0))))
+    params = dequantize(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config.param_dtype)
+    if config.lora_rank:
+        params = merge_adapters(params, config.lora_alpha / config.lora_rank)
+    plain_config = config.replace(lora_rank=0, weight_quant="")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen35ForCausalLM(plain_config, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, params)
     plain = nnx.merge(graphdef, state)
     if hasattr(model, "source_dir"):

@@ -36,7 +36,7 @@ class SparseMoE(nnx.Module):
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
                                param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, **kw,
-                                    lora_for=cfg.lora_for)
+                                    lora_for=cfg.lora_for, quant=cfg.weight_quant)
         self.shared_expert_gate = dense(cfg.hidden_size, 1, **kw)
 
     def __call__(self, x: jax.Array, token_mask: jax.Array, replay: jax.Array | None = None):

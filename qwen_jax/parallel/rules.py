@@ -51,6 +51,8 @@ def param_logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]
         axes = ("embed", _IN_PROJECTIONS[owner])
     elif leaf == "kernel" and owner in _OUT_PROJECTIONS:
         axes = (_OUT_PROJECTIONS[owner], "embed")
+    elif leaf == "kernel_scale":  # an int8 kernel's scale per output channel, split as the kernel's outputs
+        axes = (_IN_PROJECTIONS[owner],) if owner in _IN_PROJECTIONS else ("embed",)
     elif owner == "experts":  # gate_up_proj [E, H, 2I], down_proj [E, I, H]
         axes = ("experts", "embed", "mlp") if leaf == "gate_up_proj" else ("experts", "mlp", "embed")
     elif leaf == "conv_weight":

@@ -3,11 +3,12 @@
 Rows 2i and 2i + 1 of a batch hold a pair's chosen and rejected completions (data/preferences.py),
 each pair as segment s of both rows, so a row pair packs several pairs. With per-token log-probs lp
 of the policy and ref of the frozen reference (the run's init_from), summed over each completion's
-learned tokens:
-    z = beta * ((lp_chosen - ref_chosen) - (lp_rejected - ref_rejected)),   loss = mean softplus(-z).
-The log-probs come chunked (ops.cross_entropy.token_logprobs), never as [B, T, V] logits. The gradient
-is that of sum_t w_t CE_t through the chunked cross-entropy, with w_t = -dloss/dlp_t fixed from the
-forward's z: +beta sigmoid(-z) / pairs on a chosen token, the negative on a rejected one.
+learned tokens (IPO: averaged), a pair's margin is
+    h = (lp_chosen - ref_chosen) - (lp_rejected - ref_rejected),   loss = mean over pairs of L(h),
+with L one of DPO_LOSS_FNS (train.dpo_loss; DPO's: softplus(-beta h)). The log-probs come chunked
+(ops.cross_entropy.token_logprobs), never as [B, T, V] logits. The gradient is that of sum_t w_t CE_t
+through the chunked cross-entropy, with w_t = -dloss/dlp_t fixed from the forward's h: -L'(h) / pairs on
+a chosen token, the negative on a rejected one (divided by the completion's length where h averages).
 """
 
 from __future__ import annotations
@@ -35,14 +36,24 @@ def pair_count(batch: dict) -> jax.Array:
     return jnp.sum((counts[0::2] > 0) & (counts[1::2] > 0)).astype(jnp.float32)
 
 
-def dpo_terms(policy: jax.Array, reference: jax.Array, mask: jax.Array, segment_ids: jax.Array, beta: float):
-    """Per-token log-probs [B, T] of both models -> (z [B/2, T] per pair slot, valid [B/2, T], the chosen and
-    the rejected rewards beta * (lp - ref) [B/2, T])."""
+# L(h, beta, label smoothing) per pair: the losses config.DPO_LOSSES names.
+DPO_LOSS_FNS = {
+    "sigmoid": lambda h, beta, eps: (1 - eps) * jax.nn.softplus(-beta * h) + eps * jax.nn.softplus(beta * h),
+    "ipo": lambda h, beta, eps: (h - 1 / (2 * beta)) ** 2,
+    "hinge": lambda h, beta, eps: jax.nn.relu(1 - beta * h),
+}
+
+
+def dpo_terms(policy: jax.Array, reference: jax.Array, mask: jax.Array, segment_ids: jax.Array,
+              average: bool = False):
+    """Per-token log-probs [B, T] of both models -> (h [B/2, T]: per pair slot, the chosen completion's
+    log-ratio minus the rejected one's; valid [B/2, T]; each completion's log-ratio [B, T]: the sum of
+    lp - ref over its learned tokens, or with `average` their mean; its learned tokens [B, T])."""
     sums = completion_sums(policy - reference, mask, segment_ids)
     counts = completion_sums(jnp.ones_like(mask), mask, segment_ids)
     valid = (counts[0::2] > 0) & (counts[1::2] > 0)
-    chosen, rejected = beta * sums[0::2], beta * sums[1::2]
-    return jnp.where(valid, chosen - rejected, 0.0), valid, chosen, rejected
+    ratios = sums / jnp.maximum(counts, 1.0) if average else sums
+    return jnp.where(valid, ratios[0::2] - ratios[1::2], 0.0), valid, ratios, counts
 
 
 def dpo_loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, pairs: jax.Array):
@@ -51,11 +62,15 @@ def dpo_loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, pairs: jax.Arra
     model, out, policy = _forward(params, graphdef, batch, cfg.ce_chunk)
     head, dtype = model.head_weight(), out.hidden.dtype
     targets, mask, segments = batch["targets"], batch["loss_mask"], batch["segment_ids"]
-    z, valid, chosen, rejected = dpo_terms(policy, batch["ref_logprobs"], mask, segments, cfg.dpo_beta)
-    loss = jnp.sum(jnp.where(valid, jax.nn.softplus(-z), 0.0)) / pairs
+    average = cfg.dpo_loss == "ipo"
+    h, valid, ratios, counts = dpo_terms(policy, batch["ref_logprobs"], mask, segments, average)
+    loss_of = lambda h: DPO_LOSS_FNS[cfg.dpo_loss](h, cfg.dpo_beta, cfg.dpo_label_smoothing)  # noqa: E731
+    loss = jnp.sum(jnp.where(valid, loss_of(h), 0.0)) / pairs
     # -dloss/dlp per pair slot, spread back to the tokens of its two rows (chosen +, rejected -).
-    slot_weight = jnp.where(valid, cfg.dpo_beta * jax.nn.sigmoid(-z), 0.0) / pairs
+    slot_weight = jnp.where(valid, -jax.grad(lambda h: jnp.sum(loss_of(h)))(h), 0.0) / pairs
     rows = jnp.stack([slot_weight, -slot_weight], axis=1).reshape(mask.shape)  # [B, T]: row b's segment s
+    if average:
+        rows = rows / jnp.maximum(counts, 1.0)
     token_weight = jnp.take_along_axis(rows, segments, axis=1) * mask
     surrogate, _, _ = chunked_cross_entropy(out.hidden, head, targets, jax.lax.stop_gradient(token_weight),
                                             chunk_size=cfg.ce_chunk, compute_dtype=dtype)
@@ -64,9 +79,10 @@ def dpo_loss_fn(params, graphdef, batch: dict, cfg: TrainConfig, pairs: jax.Arra
     total = surrogate - jax.lax.stop_gradient(surrogate) + loss + aux_weight * aux
     load = jnp.zeros((0,)) if out.expert_load is None else out.expert_load
     per_pair = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / pairs  # noqa: E731
-    return total, {"ce": loss, "aux": aux, "expert_load": load, "dpo/accuracy": per_pair(z > 0),
-                   "dpo/reward_margin": per_pair(z), "dpo/chosen_reward": per_pair(chosen),
-                   "dpo/rejected_reward": per_pair(rejected)}
+    return total, {"ce": loss, "aux": aux, "expert_load": load, "dpo/accuracy": per_pair(h > 0),
+                   "dpo/reward_margin": per_pair(cfg.dpo_beta * h),
+                   "dpo/chosen_reward": per_pair(cfg.dpo_beta * ratios[0::2]),
+                   "dpo/rejected_reward": per_pair(cfg.dpo_beta * ratios[1::2])}
 
 
 def _forward(params, graphdef, batch: dict, ce_chunk: int):

@@ -165,11 +165,19 @@ def abstract_params(model_config: ModelConfig):
 
 def run_state_shardings(model_config: ModelConfig, params, optimizer, mesh: Mesh, rules) -> dict:
     """state_shardings_for the whole model's (abstract) params; with LoRA, for its trained part, and the frozen
-    base's as "frozen"."""
+    base's as "frozen". Raises ConfigError for a run that would train int8 kernels."""
+    if model_config.weight_quant and not model_config.lora_rank:
+        raise ConfigError(f"model.weight_quant={model_config.weight_quant!r} stores the projections' kernels "
+                          "quantised and frozen: train adapters on them (model.lora_rank > 0), or quantise only to "
+                          "generate")
     if not model_config.lora_rank:
         return state_shardings_for(params, optimizer, mesh, rules)
     check_also_train(params, model_config.lora_also_train)
     frozen, trained = split_trained(params, model_config.lora_also_train)
+    if quantized := [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(trained)[0]
+                     if leaf.dtype == jnp.int8]:
+        raise ConfigError(f"model.lora_also_train {list(model_config.lora_also_train)} would train int8 kernels "
+                          f"(model.weight_quant), e.g. {quantized[0]}: name modules without them")
     return {**state_shardings_for(trained, optimizer, mesh, rules), "frozen": param_shardings(frozen, mesh, rules)}
 
 
