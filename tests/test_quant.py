@@ -1,6 +1,7 @@
 """Weight-only int8 (model.weight_quant): each kernel within half a step of its float one, a quantised model
 close to its float one; QLoRA: a LoRA step on a mesh trains adapters on an int8 base it never changes, and a
-run quantises its init_from base as it loads it; what would train int8 kernels is refused by name."""
+run quantises its init_from base as it loads it (and is itself an init_from, merged); what would train int8
+kernels is refused by name."""
 
 import json
 
@@ -14,6 +15,7 @@ from qwen_jax import Qwen35ForCausalLM, preset
 from qwen_jax.config import ConfigError, TrainConfig
 from qwen_jax.experiment import load_config, model_config
 from qwen_jax.generate.loading import load_run_model, with_weight_quant
+from qwen_jax.interop.init_from import load_init_params
 from qwen_jax.interop.native import save_model
 from qwen_jax.model.lora import plain_model
 from qwen_jax.model.quant import quantize_int8
@@ -111,3 +113,9 @@ def test_a_qlora_run_quantises_its_base_as_it_loads_it(tmp_path):
         nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
     ids = np.arange(30)[None]
     np.testing.assert_allclose(np.asarray(merged(ids).logits), np.asarray(adapted(ids).logits), rtol=1e-4, atol=1e-5)
+    # A LoRA run's checkpoint step is an init_from too (e.g. DPO after LoRA SFT): the model it trained, merged.
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Qwen35ForCausalLM(plain, rngs=nnx.Rngs(0))),
+                                          nnx.Param))
+    params = load_init_params(tmp_path / "qlora" / "checkpoints" / "2", abstract, plain.param_dtype)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.to_pure_dict(nnx.state(merged, nnx.Param)))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -4,6 +4,7 @@ directory, a `qwen-jax convert` directory, or a checkpoint step of a train or RL
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -34,14 +35,20 @@ def source_kind(path: str | Path) -> str:
 def load_init_params(path: str | Path, abstract_params: dict, param_dtype) -> dict:
     """The params of `path` as a pure dict, each checked against abstract_params' (ShapeDtypeStructs,
     sharded or not) shape and placed as its sharding, if it has one. A checkpoint gives its params only: its
-    optimizer state is not read. Where abstract_params holds int8 kernels (model.weight_quant), the source's
-    float ones are quantised, one at a time."""
+    optimizer state is not read; a LoRA run's checkpoint gives the model it trained, its adapters merged into
+    its base. Where abstract_params holds int8 kernels (model.weight_quant), the source's float ones are
+    quantised, one at a time."""
+    from qwen_jax.generate.loading import load_run_model
     from qwen_jax.interop.hf import load_hf
     from qwen_jax.interop.native import load_model
 
     path, kind = Path(path), source_kind(path)
     targets = float_targets(abstract_params, param_dtype)
-    if kind == "checkpoint":
+    if kind == "checkpoint" and not _holds_whole_model(path):
+        model = load_run_model(path)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        del model
+    elif kind == "checkpoint":
         params = _restore_params(path / "state", targets)
     else:
         model = load_hf(path, dtype=param_dtype) if kind == "hf" else load_model(path)
@@ -80,6 +87,12 @@ def check_init_adapter(init_from: str, init_adapter: str) -> None:
                           "base (an HF or qwen-jax model directory, or a checkpoint step)")
     if init_adapter:
         read_adapter_config(init_adapter)
+
+
+def _holds_whole_model(step_dir: Path) -> bool:
+    """Whether a checkpoint step holds its model's every param: not a LoRA run's (adapters alone)."""
+    run = step_dir.parent.parent / "config.json"
+    return not (run.exists() and json.loads(run.read_text()).get("model", {}).get("lora_rank"))
 
 
 def _restore_params(state_dir: Path, abstract_params: dict) -> dict:

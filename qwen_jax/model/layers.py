@@ -12,7 +12,8 @@ from qwen_jax.model.quant import quantize_int8
 class Int8Linear(nnx.Module):
     """A bias-free Linear whose kernel is stored int8 [in, out] with a float32 scale per output [out]: weight-only
     quantisation of a frozen base (model.weight_quant), half a bfloat16 kernel's bytes. Computes
-    (x W_int8) * scale in the compute dtype; the int8 -> compute-dtype convert fuses into the matmul's operand."""
+    (x W_int8) * scale in the compute dtype: the kernel is converted per use, one layer's at a time under the
+    layer scan, so only the stored copy stays int8."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, kernel_init, rngs: nnx.Rngs,
                  use_bias: bool = False):
